@@ -1,0 +1,28 @@
+//! remora-proto: the one config model shared by the proxy, the control plane
+//! and remoractl. It owns the protobuf schema, the YAML mapping and the
+//! validation, so every component gives the same answer about a config.
+#![forbid(unsafe_code)]
+
+/// Generated protobuf types (package `remora.config.v1`).
+pub mod model {
+    #![allow(clippy::all, missing_docs)]
+    include!(concat!(env!("OUT_DIR"), "/remora.config.v1.rs"));
+}
+
+pub mod duration;
+pub mod validate;
+pub mod yaml;
+
+pub use validate::{prepare, ValidationError, ValidationErrors};
+pub use yaml::{load_path, parse_yaml, LoadError};
+
+/// The namespace a resource lands in when it names none.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// `namespace/name` of a resource, as used in errors and logs.
+pub fn resource_id(meta: Option<&model::Metadata>) -> String {
+    match meta {
+        Some(m) => format!("{}/{}", m.namespace, m.name),
+        None => "<unnamed>".to_string(),
+    }
+}

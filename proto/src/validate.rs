@@ -1,0 +1,625 @@
+//! Validation: the one place that decides whether a config may take effect.
+//! `prepare` fills defaults and checks every resource; any error means the
+//! whole config is refused. Each error names the resource and the field path
+//! (relative to `spec`, as in `rules[1].backendRefs[0].weight`).
+
+use crate::duration;
+use crate::model::*;
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+
+/// Largest weight a backendRef may carry (Gateway API).
+pub const MAX_WEIGHT: u32 = 1_000_000;
+/// Upper bound on retries per request: more is a retry storm by design.
+pub const MAX_RETRY_ATTEMPTS: u32 = 10;
+/// Bound on compiled regex size, so a config cannot exhaust memory.
+pub const MAX_REGEX_BYTES: usize = 1 << 20;
+
+pub const PROTOCOLS: &[&str] = &["http", "http2", "grpc", "tcp"];
+const METHODS: &[&str] = &[
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+];
+
+/// One problem with one field of one resource.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidationError {
+    /// `Kind namespace/name`
+    pub resource: String,
+    /// Path below the resource's spec (or `metadata.name`).
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for ValidationError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}: {}", self.resource, self.field, self.message)
+    }
+}
+
+/// Every problem found in a config; never empty.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ValidationErrors(pub Vec<ValidationError>);
+
+impl fmt::Display for ValidationErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Fills defaults (namespaces, kinds) and validates. Returns the config
+/// ready to compile, or every error found.
+pub fn prepare(mut cfg: Config) -> Result<Config, ValidationErrors> {
+    normalize(&mut cfg);
+    let mut v = Validator::default();
+    v.config(&cfg);
+    if v.errors.is_empty() {
+        Ok(cfg)
+    } else {
+        Err(ValidationErrors(v.errors))
+    }
+}
+
+fn normalize(cfg: &mut Config) {
+    fn ns(meta: &mut Option<Metadata>) -> String {
+        let m = meta.get_or_insert_with(Default::default);
+        if m.namespace.is_empty() {
+            m.namespace = crate::DEFAULT_NAMESPACE.to_string();
+        }
+        m.namespace.clone()
+    }
+    for s in &mut cfg.services {
+        ns(&mut s.metadata);
+        s.kind = "Service".into();
+        for p in s.spec.get_or_insert_with(Default::default).ports.iter_mut() {
+            if p.protocol.is_empty() {
+                p.protocol = "http".into();
+            }
+            if p.target_port == 0 {
+                p.target_port = p.port;
+            }
+        }
+    }
+    for r in &mut cfg.http_routes {
+        let route_ns = ns(&mut r.metadata);
+        r.kind = "HTTPRoute".into();
+        let spec = r.spec.get_or_insert_with(Default::default);
+        for p in &mut spec.parent_refs {
+            if p.kind.is_empty() {
+                p.kind = "Service".into();
+            }
+            if p.namespace.is_empty() {
+                p.namespace = route_ns.clone();
+            }
+        }
+        let fill = |b: &mut BackendRef| {
+            if b.kind.is_empty() {
+                b.kind = "Service".into();
+            }
+            if b.namespace.is_empty() {
+                b.namespace = route_ns.clone();
+            }
+        };
+        for rule in &mut spec.rules {
+            rule.backend_refs.iter_mut().for_each(fill);
+            for f in &mut rule.filters {
+                if let Some(b) = f
+                    .request_mirror
+                    .as_mut()
+                    .and_then(|m| m.backend_ref.as_mut())
+                {
+                    fill(b);
+                }
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct Validator {
+    errors: Vec<ValidationError>,
+    resource: String,
+}
+
+impl Validator {
+    fn err(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(ValidationError {
+            resource: self.resource.clone(),
+            field: field.into(),
+            message: message.into(),
+        });
+    }
+
+    fn config(&mut self, cfg: &Config) {
+        // Service ports by namespace/name, for reference checks.
+        let mut services: HashMap<String, Vec<u32>> = HashMap::new();
+        let mut seen = HashSet::new();
+        for s in &cfg.services {
+            let id = crate::resource_id(s.metadata.as_ref());
+            self.resource = format!("Service {id}");
+            if !seen.insert(self.resource.clone()) {
+                self.err("metadata.name", "defined twice");
+            }
+            self.metadata(s.metadata.as_ref());
+            self.service(s.spec.as_ref().expect("normalized"));
+            let ports = s.spec.iter().flat_map(|sp| sp.ports.iter().map(|p| p.port));
+            services.insert(id, ports.collect());
+        }
+        for r in &cfg.http_routes {
+            self.resource = format!("HTTPRoute {}", crate::resource_id(r.metadata.as_ref()));
+            if !seen.insert(self.resource.clone()) {
+                self.err("metadata.name", "defined twice");
+            }
+            self.metadata(r.metadata.as_ref());
+            self.route(r.spec.as_ref().expect("normalized"), &services);
+        }
+    }
+
+    fn metadata(&mut self, meta: Option<&Metadata>) {
+        let Some(m) = meta else { return };
+        if let Err(e) = dns_label(&m.name) {
+            self.err("metadata.name", e);
+        }
+        if let Err(e) = dns_label(&m.namespace) {
+            self.err("metadata.namespace", e);
+        }
+    }
+
+    fn service(&mut self, spec: &ServiceSpec) {
+        if spec.ports.is_empty() {
+            self.err("ports", "at least one port is required");
+        }
+        let mut ports = HashSet::new();
+        for (i, p) in spec.ports.iter().enumerate() {
+            let f = format!("ports[{i}]");
+            if p.port == 0 || p.port > 65535 {
+                self.err(format!("{f}.port"), "must be 1..65535");
+            } else if !ports.insert(p.port) {
+                self.err(
+                    format!("{f}.port"),
+                    format!("port {} is listed twice", p.port),
+                );
+            }
+            if p.target_port > 65535 {
+                self.err(format!("{f}.targetPort"), "must be 1..65535");
+            }
+            if !PROTOCOLS.contains(&p.protocol.as_str()) {
+                self.err(
+                    format!("{f}.protocol"),
+                    format!("{:?} is not one of {}", p.protocol, PROTOCOLS.join(", ")),
+                );
+            }
+        }
+        for (i, e) in spec.endpoints.iter().enumerate() {
+            let f = format!("endpoints[{i}]");
+            if e.address.parse::<std::net::IpAddr>().is_err() {
+                self.err(
+                    format!("{f}.address"),
+                    format!("{:?} is not an IP address", e.address),
+                );
+            }
+            if e.port > 65535 {
+                self.err(format!("{f}.port"), "must be 1..65535");
+            } else if e.port != 0 && spec.ports.len() > 1 {
+                self.err(
+                    format!("{f}.port"),
+                    "an endpoint port override needs a Service with a single port",
+                );
+            }
+        }
+    }
+
+    fn route(&mut self, spec: &HttpRouteSpec, services: &HashMap<String, Vec<u32>>) {
+        if spec.parent_refs.is_empty() {
+            self.err("parentRefs", "at least one parent Service is required");
+        }
+        for (i, p) in spec.parent_refs.iter().enumerate() {
+            let f = format!("parentRefs[{i}]");
+            if p.kind != "Service" {
+                self.err(
+                    format!("{f}.kind"),
+                    format!("{:?} is not supported (Service)", p.kind),
+                );
+                continue;
+            }
+            self.service_ref(&f, &p.namespace, &p.name, p.port, false, services);
+        }
+        for (r, rule) in spec.rules.iter().enumerate() {
+            let f = format!("rules[{r}]");
+            for (m, mat) in rule.matches.iter().enumerate() {
+                self.route_match(&format!("{f}.matches[{m}]"), mat);
+            }
+            for (k, filter) in rule.filters.iter().enumerate() {
+                self.filter(&format!("{f}.filters[{k}]"), filter, services);
+            }
+            for (b, backend) in rule.backend_refs.iter().enumerate() {
+                let bf = format!("{f}.backendRefs[{b}]");
+                self.backend(&bf, backend, services);
+            }
+            let mut request = None;
+            if let Some(t) = &rule.timeouts {
+                request = self.duration(&format!("{f}.timeouts.request"), &t.request);
+                let per_try =
+                    self.duration(&format!("{f}.timeouts.backendRequest"), &t.backend_request);
+                if let (Some(req), Some(try_)) = (request, per_try) {
+                    if try_ > req {
+                        self.err(
+                            format!("{f}.timeouts.backendRequest"),
+                            "must not be longer than timeouts.request",
+                        );
+                    }
+                }
+            }
+            let _ = request;
+            if let Some(retry) = &rule.retry {
+                self.retry(&format!("{f}.retry"), retry);
+            }
+        }
+    }
+
+    fn route_match(&mut self, f: &str, m: &HttpRouteMatch) {
+        if let Some(p) = &m.path {
+            let value = if p.value.is_empty() {
+                "/"
+            } else {
+                p.value.as_str()
+            };
+            match p.r#type.as_str() {
+                "" | "PathPrefix" | "Exact" => {
+                    if !value.starts_with('/') {
+                        self.err(format!("{f}.path.value"), "must start with /");
+                    }
+                    if value.contains(['?', '#']) {
+                        self.err(format!("{f}.path.value"), "must not contain ? or #");
+                    }
+                }
+                "RegularExpression" => self.regex(&format!("{f}.path.value"), value),
+                other => self.err(
+                    format!("{f}.path.type"),
+                    format!("{other:?} is not one of Exact, PathPrefix, RegularExpression"),
+                ),
+            }
+        }
+        for (i, h) in m.headers.iter().enumerate() {
+            let hf = format!("{f}.headers[{i}]");
+            self.kv_match(&hf, &h.r#type, &h.name, &h.value, true);
+        }
+        for (i, q) in m.query_params.iter().enumerate() {
+            let qf = format!("{f}.queryParams[{i}]");
+            self.kv_match(&qf, &q.r#type, &q.name, &q.value, false);
+        }
+        if !m.method.is_empty() && !METHODS.contains(&m.method.as_str()) {
+            self.err(
+                format!("{f}.method"),
+                format!("{:?} is not an HTTP method", m.method),
+            );
+        }
+    }
+
+    fn kv_match(&mut self, f: &str, ty: &str, name: &str, value: &str, header: bool) {
+        if header {
+            if let Err(e) = header_name(name) {
+                self.err(format!("{f}.name"), e);
+            }
+        } else if name.is_empty() {
+            self.err(format!("{f}.name"), "must not be empty");
+        }
+        match ty {
+            "" | "Exact" => {}
+            "RegularExpression" => self.regex(&format!("{f}.value"), value),
+            other => self.err(
+                format!("{f}.type"),
+                format!("{other:?} is not one of Exact, RegularExpression"),
+            ),
+        }
+    }
+
+    fn regex(&mut self, f: &str, pattern: &str) {
+        if let Err(e) = regex::RegexBuilder::new(pattern)
+            .size_limit(MAX_REGEX_BYTES)
+            .build()
+        {
+            self.err(f, format!("invalid regular expression: {e}"));
+        }
+    }
+
+    fn filter(&mut self, f: &str, filter: &HttpRouteFilter, services: &HashMap<String, Vec<u32>>) {
+        let (field, present) = match filter.r#type.as_str() {
+            "RequestHeaderModifier" => {
+                ("requestHeaderModifier", filter.request_header_modifier.is_some())
+            }
+            "ResponseHeaderModifier" => {
+                ("responseHeaderModifier", filter.response_header_modifier.is_some())
+            }
+            "RequestMirror" => ("requestMirror", filter.request_mirror.is_some()),
+            other => {
+                return self.err(
+                    format!("{f}.type"),
+                    format!(
+                        "{other:?} is not one of RequestHeaderModifier, ResponseHeaderModifier, RequestMirror"
+                    ),
+                )
+            }
+        };
+        if !present {
+            return self.err(
+                format!("{f}.{field}"),
+                format!("required when type is {}", filter.r#type),
+            );
+        }
+        let headers = filter
+            .request_header_modifier
+            .iter()
+            .chain(filter.response_header_modifier.iter())
+            .next();
+        if let Some(h) = headers {
+            let hf = format!("{f}.{field}");
+            for (list, items) in [("set", &h.set), ("add", &h.add)] {
+                for (i, kv) in items.iter().enumerate() {
+                    if let Err(e) = header_name(&kv.name) {
+                        self.err(format!("{hf}.{list}[{i}].name"), e);
+                    }
+                    if kv.value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
+                        self.err(
+                            format!("{hf}.{list}[{i}].value"),
+                            "must not contain CR, LF or NUL",
+                        );
+                    }
+                }
+            }
+            for (i, name) in h.remove.iter().enumerate() {
+                if let Err(e) = header_name(name) {
+                    self.err(format!("{hf}.remove[{i}]"), e);
+                }
+            }
+        }
+        if let Some(m) = &filter.request_mirror {
+            let mf = format!("{f}.requestMirror");
+            match &m.backend_ref {
+                Some(b) => self.backend(&format!("{mf}.backendRef"), b, services),
+                None => self.err(format!("{mf}.backendRef"), "is required"),
+            }
+            if m.percent.is_some_and(|p| p > 100) {
+                self.err(format!("{mf}.percent"), "must be at most 100");
+            }
+        }
+    }
+
+    fn backend(&mut self, f: &str, b: &BackendRef, services: &HashMap<String, Vec<u32>>) {
+        if b.kind != "Service" {
+            self.err(
+                format!("{f}.kind"),
+                format!("{:?} is not supported (Service)", b.kind),
+            );
+            return;
+        }
+        if b.weight.is_some_and(|w| w > MAX_WEIGHT) {
+            self.err(
+                format!("{f}.weight"),
+                format!("must be at most {MAX_WEIGHT}"),
+            );
+        }
+        self.service_ref(f, &b.namespace, &b.name, b.port, true, services);
+    }
+
+    fn service_ref(
+        &mut self,
+        f: &str,
+        ns: &str,
+        name: &str,
+        port: u32,
+        need_port: bool,
+        services: &HashMap<String, Vec<u32>>,
+    ) {
+        if name.is_empty() {
+            return self.err(format!("{f}.name"), "is required");
+        }
+        let Some(ports) = services.get(&format!("{ns}/{name}")) else {
+            return self.err(
+                format!("{f}.name"),
+                format!("Service {ns}/{name} is not defined"),
+            );
+        };
+        if port != 0 && !ports.contains(&port) {
+            self.err(
+                format!("{f}.port"),
+                format!("Service {ns}/{name} has no port {port}"),
+            );
+        } else if port == 0 && need_port && ports.len() > 1 {
+            self.err(
+                format!("{f}.port"),
+                format!("required: Service {ns}/{name} has several ports"),
+            );
+        }
+    }
+
+    fn duration(&mut self, f: &str, text: &str) -> Option<std::time::Duration> {
+        match duration::parse_opt(text) {
+            Ok(d) => d,
+            Err(e) => {
+                self.err(f, e);
+                None
+            }
+        }
+    }
+
+    fn retry(&mut self, f: &str, r: &HttpRouteRetry) {
+        for (i, c) in r.codes.iter().enumerate() {
+            if !(400..=599).contains(c) {
+                self.err(format!("{f}.codes[{i}]"), "must be a status code 400..599");
+            }
+        }
+        if r.attempts.is_some_and(|a| a > MAX_RETRY_ATTEMPTS) {
+            self.err(
+                format!("{f}.attempts"),
+                format!("must be at most {MAX_RETRY_ATTEMPTS}"),
+            );
+        }
+        self.duration(&format!("{f}.backoff"), &r.backoff);
+        if let Some(b) = &r.budget {
+            if b.percent.is_some_and(|p| !(0.0..=1000.0).contains(&p)) {
+                self.err(format!("{f}.budget.percent"), "must be 0..1000");
+            }
+            if !b.interval.is_empty() {
+                match duration::parse(&b.interval) {
+                    Ok(d)
+                        if d < std::time::Duration::from_secs(1)
+                            || d > std::time::Duration::from_secs(60) =>
+                    {
+                        self.err(format!("{f}.budget.interval"), "must be 1s..60s")
+                    }
+                    Ok(_) => {}
+                    Err(e) => self.err(format!("{f}.budget.interval"), e),
+                }
+            }
+        }
+    }
+}
+
+fn dns_label(s: &str) -> Result<(), String> {
+    let ok = !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{s:?} must be a DNS label: 1-63 lowercase letters, digits or '-', not starting or ending with '-'"
+        ))
+    }
+}
+
+fn header_name(s: &str) -> Result<(), String> {
+    let tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+    if !s.is_empty() && s.len() <= 256 && s.bytes().all(tchar) {
+        Ok(())
+    } else {
+        Err(format!("{s:?} is not a valid header name"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parse_yaml;
+
+    const BASE: &str = r#"
+kind: Service
+metadata: {name: shop, namespace: shop}
+spec:
+  ports: [{port: 80}]
+  endpoints: [{address: 127.0.0.1, port: 8080}]
+"#;
+
+    fn check(route: &str) -> Result<Config, ValidationErrors> {
+        prepare(parse_yaml(&format!("{BASE}---\n{route}"), "t.yaml").unwrap())
+    }
+
+    #[test]
+    fn weight_error_names_resource_and_field() {
+        let err = check(
+            r#"
+kind: HTTPRoute
+metadata: {name: checkout, namespace: shop}
+spec:
+  parentRefs: [{name: shop}]
+  rules:
+  - backendRefs: [{name: shop}]
+  - backendRefs: [{name: shop, weight: 2000000}]
+"#,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "HTTPRoute shop/checkout: rules[1].backendRefs[0].weight: must be at most 1000000"
+        );
+    }
+
+    #[test]
+    fn reports_every_error_at_once() {
+        let err = check(
+            r#"
+kind: HTTPRoute
+metadata: {name: r, namespace: shop}
+spec:
+  parentRefs: [{name: nope}]
+  rules:
+  - matches: [{path: {type: Glob, value: /x}, method: FETCH, headers: [{name: "bad name", value: x}]}]
+    timeouts: {request: 1s, backendRequest: 2s}
+    retry: {codes: [200], attempts: 50, backoff: soon}
+    filters: [{type: RequestMirror}]
+    backendRefs: [{name: shop, port: 81}]
+"#,
+        )
+        .unwrap_err();
+        let fields: Vec<_> = err.0.iter().map(|e| e.field.as_str()).collect();
+        for want in [
+            "parentRefs[0].name",
+            "rules[0].matches[0].path.type",
+            "rules[0].matches[0].headers[0].name",
+            "rules[0].matches[0].method",
+            "rules[0].filters[0].requestMirror",
+            "rules[0].backendRefs[0].port",
+            "rules[0].timeouts.backendRequest",
+            "rules[0].retry.codes[0]",
+            "rules[0].retry.attempts",
+            "rules[0].retry.backoff",
+        ] {
+            assert!(fields.contains(&want), "missing {want} in {fields:?}");
+        }
+    }
+
+    #[test]
+    fn bad_regex_and_service_fields() {
+        let err = prepare(
+            parse_yaml(
+                r#"
+kind: Service
+metadata: {name: Bad_Name}
+spec:
+  ports: [{port: 0, protocol: udp}]
+  endpoints: [{address: not-an-ip}]
+---
+kind: HTTPRoute
+metadata: {name: r}
+spec:
+  parentRefs: [{name: Bad_Name}]
+  rules: [{matches: [{path: {type: RegularExpression, value: "(unclosed"}}]}]
+"#,
+                "t.yaml",
+            )
+            .unwrap(),
+        )
+        .unwrap_err()
+        .to_string();
+        for want in [
+            "Service default/Bad_Name: metadata.name",
+            "Service default/Bad_Name: ports[0].port: must be 1..65535",
+            "Service default/Bad_Name: ports[0].protocol",
+            "Service default/Bad_Name: endpoints[0].address",
+            "HTTPRoute default/r: rules[0].matches[0].path.value: invalid regular expression",
+        ] {
+            assert!(err.contains(want), "missing {want:?} in:\n{err}");
+        }
+    }
+
+    #[test]
+    fn valid_config_fills_defaults() {
+        let cfg = check(
+            "kind: HTTPRoute\nmetadata: {name: r, namespace: shop}\nspec:\n  parentRefs: [{name: shop}]\n  rules: [{backendRefs: [{name: shop}]}]\n",
+        )
+        .unwrap();
+        let svc = &cfg.services[0].spec.as_ref().unwrap().ports[0];
+        assert_eq!((svc.protocol.as_str(), svc.target_port), ("http", 80));
+        let b = &cfg.http_routes[0].spec.as_ref().unwrap().rules[0].backend_refs[0];
+        assert_eq!(b.namespace, "shop");
+    }
+}

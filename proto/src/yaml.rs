@@ -1,0 +1,238 @@
+//! The YAML people write: Kubernetes-style documents, one resource each,
+//! `kind` choosing the message. Field names are the proto fields in
+//! camelCase, and unknown fields are errors, so a typo never passes silently.
+
+use crate::model::{Config, HttpRoute, Service};
+use serde::de::DeserializeOwned;
+use std::path::{Path, PathBuf};
+
+/// Why a config could not be read or parsed.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{source_name}: document {doc}: {message}")]
+    Syntax {
+        source_name: String,
+        doc: usize,
+        message: String,
+    },
+    #[error("{source_name}: {resource}: {field}: {message}")]
+    Field {
+        source_name: String,
+        resource: String,
+        field: String,
+        message: String,
+    },
+    #[error("{0}")]
+    Invalid(#[from] crate::ValidationErrors),
+}
+
+/// Parses one YAML text (several `---` documents) into a config. `source`
+/// names it in errors. The result is parsed, not yet validated.
+pub fn parse_yaml(text: &str, source: &str) -> Result<Config, LoadError> {
+    let mut cfg = Config::default();
+    add_yaml(&mut cfg, text, source)?;
+    Ok(cfg)
+}
+
+fn add_yaml(cfg: &mut Config, text: &str, source: &str) -> Result<(), LoadError> {
+    use serde::Deserialize;
+    for (i, doc) in yaml_serde::Deserializer::from_str(text).enumerate() {
+        let doc_no = i + 1;
+        let value = yaml_serde::Value::deserialize(doc).map_err(|e| LoadError::Syntax {
+            source_name: source.to_string(),
+            doc: doc_no,
+            message: e.to_string(),
+        })?;
+        if value.is_null() {
+            continue; // an empty document, e.g. a trailing `---`
+        }
+        let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("");
+        let name = describe(&value);
+        match kind {
+            "Service" => {
+                cfg.services
+                    .push(typed::<Service>(value.clone(), source, "Service", &name)?)
+            }
+            "HTTPRoute" => cfg.http_routes.push(typed::<HttpRoute>(
+                value.clone(),
+                source,
+                "HTTPRoute",
+                &name,
+            )?),
+            "" => {
+                return Err(LoadError::Syntax {
+                    source_name: source.to_string(),
+                    doc: doc_no,
+                    message: "missing `kind` (Service or HTTPRoute)".into(),
+                })
+            }
+            other => {
+                return Err(LoadError::Syntax {
+                    source_name: source.to_string(),
+                    doc: doc_no,
+                    message: format!("unknown kind {other:?} (expected Service or HTTPRoute)"),
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `namespace/name` read loosely from an untyped document, for errors.
+fn describe(value: &yaml_serde::Value) -> String {
+    let meta = value.get("metadata");
+    let field = |k: &str| {
+        meta.and_then(|m| m.get(k))
+            .and_then(|v| v.as_str())
+            .map(str::to_string)
+    };
+    format!(
+        "{}/{}",
+        field("namespace").unwrap_or_else(|| crate::DEFAULT_NAMESPACE.into()),
+        field("name").unwrap_or_else(|| "<unnamed>".into())
+    )
+}
+
+fn typed<T: DeserializeOwned>(
+    value: yaml_serde::Value,
+    source: &str,
+    kind: &str,
+    name: &str,
+) -> Result<T, LoadError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let field = path.strip_prefix("spec.").unwrap_or(&path).to_string();
+        LoadError::Field {
+            source_name: source.to_string(),
+            resource: format!("{kind} {name}"),
+            field,
+            message: e.into_inner().to_string(),
+        }
+    })
+}
+
+/// The files a config path stands for: the file itself, or every `.yaml`
+/// and `.yml` file directly in a directory, in name order.
+pub fn config_files(path: &Path) -> Result<Vec<PathBuf>, LoadError> {
+    let io = |e| LoadError::Io {
+        path: path.display().to_string(),
+        source: e,
+    };
+    if !path.is_dir() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(path).map_err(io)? {
+        let p = entry.map_err(io)?.path();
+        let yaml = matches!(
+            p.extension().and_then(|e| e.to_str()),
+            Some("yaml") | Some("yml")
+        );
+        // Kubernetes ConfigMap mounts keep dot-prefixed staging entries.
+        let hidden = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with('.'));
+        if yaml && !hidden && p.is_file() {
+            files.push(p);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Reads a file or directory of YAML. Returns the raw bytes as well (the
+/// caller fingerprints them to notice changes) and the parsed config.
+pub fn load_path(path: &Path) -> Result<(Vec<u8>, Config), LoadError> {
+    let mut raw = Vec::new();
+    let mut cfg = Config::default();
+    for file in config_files(path)? {
+        let bytes = std::fs::read(&file).map_err(|e| LoadError::Io {
+            path: file.display().to_string(),
+            source: e,
+        })?;
+        let name = file.display().to_string();
+        let text = String::from_utf8_lossy(&bytes);
+        add_yaml(&mut cfg, &text, &name)?;
+        raw.extend_from_slice(name.as_bytes());
+        raw.extend_from_slice(&bytes);
+    }
+    Ok((raw, cfg))
+}
+
+/// Renders a config back to YAML documents (for `/config` and remoractl).
+pub fn to_yaml(cfg: &Config) -> String {
+    let mut out = String::new();
+    let mut push = |v: Result<String, yaml_serde::Error>| {
+        if let Ok(s) = v {
+            out.push_str("---\n");
+            out.push_str(&s);
+        }
+    };
+    for s in &cfg.services {
+        push(yaml_serde::to_string(s));
+    }
+    for r in &cfg.http_routes {
+        push(yaml_serde::to_string(r));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_documents_by_kind() {
+        let cfg = parse_yaml(
+            r#"
+kind: Service
+metadata: {name: shop}
+spec:
+  ports: [{port: 80}]
+  endpoints: [{address: 127.0.0.1, port: 8080}]
+---
+kind: HTTPRoute
+metadata: {name: checkout, namespace: shop}
+spec:
+  parentRefs: [{name: shop}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /cart}}]
+    backendRefs: [{name: shop, weight: 90}]
+"#,
+            "test.yaml",
+        )
+        .unwrap();
+        assert_eq!(cfg.services.len(), 1);
+        assert_eq!(cfg.http_routes.len(), 1);
+        let rule = &cfg.http_routes[0].spec.as_ref().unwrap().rules[0];
+        assert_eq!(rule.backend_refs[0].weight, Some(90));
+        assert_eq!(rule.matches[0].path.as_ref().unwrap().r#type, "PathPrefix");
+    }
+
+    #[test]
+    fn unknown_field_names_resource_and_path() {
+        let err = parse_yaml(
+            "kind: HTTPRoute\nmetadata: {name: checkout, namespace: shop}\nspec:\n  rules:\n  - backendRefs: [{name: a, wieght: 3}]\n",
+            "f.yaml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("HTTPRoute shop/checkout"), "{err}");
+        assert!(err.contains("rules[0].backendRefs[0]"), "{err}");
+        assert!(err.contains("wieght"), "{err}");
+    }
+
+    #[test]
+    fn unknown_kind_is_an_error() {
+        let err = parse_yaml("kind: Gateway\n", "f.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown kind \"Gateway\""), "{err}");
+    }
+}
