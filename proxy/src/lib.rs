@@ -1,1 +1,17 @@
+//! remora-proxy: the data plane. `main.rs` wires flags to these modules; the
+//! request path is `proxy.rs`, read top to bottom.
+#![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod balance;
+pub mod body;
+pub mod cluster;
+pub mod error;
+pub mod metrics;
+pub mod pool;
+pub mod proxy;
+pub mod retry;
+pub mod route;
+pub mod runtime;
+pub mod server;
+pub mod source;

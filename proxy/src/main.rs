@@ -1,1 +1,346 @@
-fn main() {}
+//! remora-proxy: the sidecar. Every address, port and limit is a flag with
+//! an environment variable; `remora-proxy --help` lists them.
+#![forbid(unsafe_code)]
+
+use anyhow::{bail, Context, Result};
+use arc_swap::ArcSwap;
+use clap::Parser;
+use remora_proxy::balance::OutlierConfig;
+use remora_proxy::cluster::Protocol;
+use remora_proxy::metrics::Metrics;
+use remora_proxy::pool::PoolConfig;
+use remora_proxy::proxy::{Direction, Inbound, Proxy};
+use remora_proxy::retry::BudgetParams;
+use remora_proxy::runtime::{build_cluster, Runtime, Settings};
+use remora_proxy::server::{serve_http, serve_tcp, Lifecycle, ServerLimits};
+use remora_proxy::{admin, source};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+fn duration(s: &str) -> Result<Duration, String> {
+    remora_proto::duration::parse(s)
+}
+
+/// A listener address, or "off" to disable the listener.
+#[derive(Clone, Copy, Debug)]
+struct Listen(Option<SocketAddr>);
+
+fn listen_addr(s: &str) -> Result<Listen, String> {
+    if s == "off" {
+        return Ok(Listen(None));
+    }
+    s.parse()
+        .map(|a| Listen(Some(a)))
+        .map_err(|_| format!("{s:?} is not ip:port or \"off\""))
+}
+
+#[derive(Parser, Debug)]
+#[command(name = "remora-proxy", version, about = "Remora sidecar proxy")]
+struct Args {
+    /// Config file, or directory of *.yaml files, watched for changes.
+    #[arg(long, env = "REMORA_CONFIG")]
+    config: Option<PathBuf>,
+    /// How often the config path is checked for changes (SIGHUP checks at once).
+    #[arg(long, env = "REMORA_CONFIG_POLL_INTERVAL", default_value = "1s", value_parser = duration)]
+    config_poll_interval: Duration,
+
+    /// Inbound listener: traffic from the mesh to the local app ("off" disables).
+    #[arg(long, env = "REMORA_INBOUND_ADDR", default_value = "0.0.0.0:4143", value_parser = listen_addr)]
+    inbound_addr: Listen,
+    /// The local app the inbound listener forwards to.
+    #[arg(long, env = "REMORA_APP_ADDR", default_value = "127.0.0.1:8080")]
+    app_addr: SocketAddr,
+    /// What the local app speaks: http, http2, grpc, or tcp (forwarded as opaque bytes).
+    #[arg(long, env = "REMORA_APP_PROTOCOL", default_value = "http")]
+    app_protocol: String,
+    /// Outbound listener: the local app's calls to other services ("off" disables).
+    #[arg(long, env = "REMORA_OUTBOUND_ADDR", default_value = "127.0.0.1:4140", value_parser = listen_addr)]
+    outbound_addr: Listen,
+    /// Admin listener: /live /ready /metrics /config /shutdown.
+    #[arg(long, env = "REMORA_ADMIN_ADDR", default_value = "0.0.0.0:4191")]
+    admin_addr: SocketAddr,
+    /// Namespace this proxy runs in; short Service names resolve in it.
+    #[arg(long, env = "REMORA_NAMESPACE", default_value = "default")]
+    namespace: String,
+    /// Data-plane worker threads (1 runs a single-threaded runtime).
+    #[arg(long, env = "REMORA_WORKERS", default_value_t = 1)]
+    workers: usize,
+
+    /// Most client connections open at once per listener; past it, accepting pauses.
+    #[arg(long, env = "REMORA_MAX_CONNECTIONS", default_value_t = 10_000)]
+    max_connections: usize,
+    /// Largest request head (HTTP/1 buffer, HTTP/2 header list), bytes.
+    #[arg(long, env = "REMORA_MAX_HEADER_BYTES", default_value_t = 65_536)]
+    max_header_bytes: usize,
+    /// Most headers in an HTTP/1 request.
+    #[arg(long, env = "REMORA_MAX_HEADERS", default_value_t = 100)]
+    max_headers: usize,
+    /// Time a client has to send a request head.
+    #[arg(long, env = "REMORA_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = duration)]
+    header_read_timeout: Duration,
+    /// A client connection with no request for this long is closed.
+    #[arg(long, env = "REMORA_IDLE_TIMEOUT", default_value = "60s", value_parser = duration)]
+    idle_timeout: Duration,
+    /// Concurrent HTTP/2 streams per client connection.
+    #[arg(long, env = "REMORA_MAX_CONCURRENT_STREAMS", default_value_t = 256)]
+    max_concurrent_streams: u32,
+    /// On SIGTERM, time given to in-flight requests before exit.
+    #[arg(long, env = "REMORA_DRAIN_TIMEOUT", default_value = "30s", value_parser = duration)]
+    drain_timeout: Duration,
+
+    /// Time to open an upstream connection.
+    #[arg(long, env = "REMORA_CONNECT_TIMEOUT", default_value = "1s", value_parser = duration)]
+    connect_timeout: Duration,
+    /// Idle upstream connections are closed after this long.
+    #[arg(long, env = "REMORA_UPSTREAM_IDLE_TIMEOUT", default_value = "90s", value_parser = duration)]
+    upstream_idle_timeout: Duration,
+    /// Most open connections per backend.
+    #[arg(long, env = "REMORA_UPSTREAM_MAX_CONNECTIONS", default_value_t = 1024)]
+    upstream_max_connections: usize,
+    /// Most requests per backend waiting beyond its connections; past it, 503.
+    #[arg(long, env = "REMORA_UPSTREAM_MAX_PENDING", default_value_t = 1024)]
+    upstream_max_pending: usize,
+    /// Largest request body buffered so it can be retried or mirrored.
+    #[arg(long, env = "REMORA_RETRY_BUFFER_BYTES", default_value_t = 65_536)]
+    retry_buffer_bytes: usize,
+    /// Default retry budget: retries may add this percent to the request rate.
+    #[arg(long, env = "REMORA_RETRY_BUDGET_PERCENT", default_value_t = 20.0)]
+    retry_budget_percent: f64,
+    /// Default retry budget floor, retries per second.
+    #[arg(long, env = "REMORA_RETRY_BUDGET_MIN_PER_SECOND", default_value_t = 10)]
+    retry_budget_min_per_second: u32,
+    /// Default retry budget window.
+    #[arg(long, env = "REMORA_RETRY_BUDGET_INTERVAL", default_value = "10s", value_parser = duration)]
+    retry_budget_interval: Duration,
+    /// Failures in a row (5xx or connection error) that eject an endpoint.
+    #[arg(long, env = "REMORA_OUTLIER_CONSECUTIVE_FAILURES", default_value_t = 5)]
+    outlier_consecutive_failures: u32,
+    /// First ejection period; doubles on each ejection in a row.
+    #[arg(long, env = "REMORA_OUTLIER_EJECTION", default_value = "10s", value_parser = duration)]
+    outlier_ejection: Duration,
+    /// Longest ejection period.
+    #[arg(long, env = "REMORA_OUTLIER_MAX_EJECTION", default_value = "5m", value_parser = duration)]
+    outlier_max_ejection: Duration,
+
+    /// Log one line per request (target "access").
+    #[arg(long, env = "REMORA_ACCESS_LOG")]
+    access_log: bool,
+    /// Log format: text or json. Levels come from RUST_LOG (default info).
+    #[arg(long, env = "REMORA_LOG_FORMAT", default_value = "text")]
+    log_format: String,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    init_logs(&args.log_format);
+    match run(args) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("remora-proxy: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+fn init_logs(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+fn bind(addr: SocketAddr, what: &str) -> Result<std::net::TcpListener> {
+    let l = std::net::TcpListener::bind(addr).with_context(|| format!("{what} listener {addr}"))?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+fn run(args: Args) -> Result<()> {
+    let Some(app_protocol) = Protocol::parse(&args.app_protocol) else {
+        bail!(
+            "--app-protocol {:?}: expected http, http2, grpc or tcp",
+            args.app_protocol
+        );
+    };
+    let settings = Settings {
+        pool: PoolConfig {
+            connect_timeout: args.connect_timeout,
+            idle_timeout: args.upstream_idle_timeout,
+            max_connections: args.upstream_max_connections,
+            max_pending: args.upstream_max_pending,
+        },
+        outlier: OutlierConfig {
+            consecutive_failures: args.outlier_consecutive_failures.max(1),
+            base_ejection: args.outlier_ejection,
+            max_ejection: args.outlier_max_ejection,
+        },
+        namespace: args.namespace.clone(),
+        default_budget: BudgetParams {
+            percent: args.retry_budget_percent,
+            min_per_sec: args.retry_budget_min_per_second,
+            window: args.retry_budget_interval,
+        },
+    };
+    let limits = ServerLimits {
+        max_connections: args.max_connections,
+        max_header_bytes: args.max_header_bytes,
+        max_headers: args.max_headers,
+        header_read_timeout: args.header_read_timeout,
+        idle_timeout: args.idle_timeout,
+        max_concurrent_streams: args.max_concurrent_streams,
+    };
+
+    // Bind everything first: a taken port is an error at start, not later.
+    let inbound_l = args
+        .inbound_addr
+        .0
+        .map(|a| bind(a, "inbound"))
+        .transpose()?;
+    let outbound_l = args
+        .outbound_addr
+        .0
+        .map(|a| bind(a, "outbound"))
+        .transpose()?;
+    let admin_l = bind(args.admin_addr, "admin")?;
+
+    let metrics = Metrics::new();
+    let inbound = (app_protocol != Protocol::Tcp).then(|| Inbound {
+        cluster: build_cluster(
+            "inbound",
+            app_protocol,
+            &[args.app_addr],
+            None,
+            &settings,
+            &metrics,
+        ),
+        metrics: metrics.route("inbound", "inbound", "inbound"),
+    });
+    let proxy = Arc::new(Proxy {
+        runtime: ArcSwap::from_pointee(Runtime::empty()),
+        inbound,
+        metrics: metrics.clone(),
+        retry_buffer: args.retry_buffer_bytes,
+        access_log: args.access_log,
+    });
+
+    // The first config must be good: a sidecar with a broken config at boot
+    // has nothing to serve, so it says so and exits.
+    let mut fingerprint = None;
+    if let Some(path) = &args.config {
+        let (fp, cfg) = source::read(path).map_err(anyhow::Error::msg)?;
+        source::apply(&proxy, &settings, cfg, source::file_version(fp))
+            .map_err(anyhow::Error::msg)?;
+        fingerprint = Some(fp);
+    }
+    let ready = Arc::new(AtomicBool::new(true));
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let shutdown_tx = Arc::new(shutdown_tx);
+    admin::spawn(
+        admin_l,
+        admin::AdminState {
+            proxy: proxy.clone(),
+            ready: ready.clone(),
+            shutdown: shutdown_tx.clone(),
+        },
+    )?;
+
+    let rt = if args.workers <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(args.workers)
+            .enable_all()
+            .build()?
+    };
+    rt.block_on(async move {
+        let life = Lifecycle {
+            shutdown: shutdown_rx.clone(),
+            tracker: tokio_util::task::TaskTracker::new(),
+        };
+        let mut listeners = tokio::task::JoinSet::new();
+        if let Some(l) = outbound_l {
+            let l = tokio::net::TcpListener::from_std(l)?;
+            listeners.spawn(serve_http(l, "outbound", Direction::Outbound, proxy.clone(), limits.clone(), life.clone()));
+        }
+        if let Some(l) = inbound_l {
+            let l = tokio::net::TcpListener::from_std(l)?;
+            if app_protocol == Protocol::Tcp {
+                listeners.spawn(serve_tcp(l, "inbound", args.app_addr, args.connect_timeout, metrics.clone(), limits.clone(), life.clone()));
+            } else {
+                listeners.spawn(serve_http(l, "inbound", Direction::Inbound, proxy.clone(), limits.clone(), life.clone()));
+            }
+        }
+        if let Some(path) = args.config.clone() {
+            tokio::spawn(source::watch_file(path, args.config_poll_interval, proxy.clone(), settings, ready, fingerprint));
+        }
+
+        wait_for_signal(&shutdown_tx).await;
+        info!(drain_timeout = ?args.drain_timeout, "draining: no new connections, in-flight requests finish");
+        while listeners.join_next().await.is_some() {}
+        life.tracker.close();
+        if tokio::time::timeout(args.drain_timeout, life.tracker.wait()).await.is_err() {
+            warn!(open = life.tracker.len(), "drain timeout: closing remaining connections");
+        }
+        info!("stopped");
+        Ok::<_, anyhow::Error>(())
+    })
+}
+
+/// Waits for SIGTERM, SIGINT or /shutdown, then raises the shutdown flag.
+async fn wait_for_signal(tx: &watch::Sender<bool>) {
+    let mut rx = tx.subscribe();
+    let admin = async {
+        while !*rx.borrow_and_update() {
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).ok();
+        let term_fut = async {
+            match term.as_mut() {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = term_fut => info!("SIGTERM"),
+            _ = tokio::signal::ctrl_c() => info!("SIGINT"),
+            _ = admin => {},
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => info!("SIGINT"),
+        _ = admin => {},
+    }
+    tx.send_replace(true);
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        super::Args::command().debug_assert();
+    }
+}

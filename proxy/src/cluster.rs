@@ -1,0 +1,88 @@
+//! A cluster is one backend Service port: its endpoints with their load
+//! state, the connection pool, and the protocol spoken to it.
+
+use crate::balance::{pick_p2c, EndpointLoad, OutlierConfig};
+use crate::pool::Pool;
+use prometheus_client::metrics::counter::Counter;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    /// HTTP/1.1 to the upstream.
+    Http1,
+    /// HTTP/2 with prior knowledge (h2c).
+    Http2,
+    /// gRPC: h2c, and errors answered as grpc-status.
+    Grpc,
+    /// Opaque bytes.
+    Tcp,
+}
+
+impl Protocol {
+    pub fn parse(s: &str) -> Option<Protocol> {
+        Some(match s {
+            "http" | "" => Protocol::Http1,
+            "http2" => Protocol::Http2,
+            "grpc" => Protocol::Grpc,
+            "tcp" => Protocol::Tcp,
+            _ => return None,
+        })
+    }
+
+    pub fn is_h2(self) -> bool {
+        matches!(self, Protocol::Http2 | Protocol::Grpc)
+    }
+}
+
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    /// `ip:port`, pre-parsed for building upstream URIs.
+    pub authority: http::uri::Authority,
+    pub load: Arc<EndpointLoad>,
+}
+
+impl Endpoint {
+    pub fn new(addr: SocketAddr, load: Arc<EndpointLoad>) -> Option<Endpoint> {
+        let authority = addr.to_string().parse().ok()?;
+        Some(Endpoint {
+            addr,
+            authority,
+            load,
+        })
+    }
+}
+
+pub struct Cluster {
+    /// `namespace/name:port`, or `inbound` for the local app.
+    pub id: String,
+    pub protocol: Protocol,
+    pub endpoints: Vec<Endpoint>,
+    pub pool: Arc<Pool>,
+    pub outlier: OutlierConfig,
+    pub overflow: Counter,
+    pub ejections: Counter,
+}
+
+impl Cluster {
+    /// Picks an endpoint by P2C over peak EWMA, skipping ejected ones.
+    pub fn pick(&self) -> Option<&Endpoint> {
+        pick_p2c(&self.endpoints, |e| &e.load).map(|i| &self.endpoints[i])
+    }
+
+    /// Same protocol and the same endpoint addresses, in order.
+    pub fn same_shape(&self, protocol: Protocol, addrs: &[SocketAddr]) -> bool {
+        self.protocol == protocol
+            && self.endpoints.len() == addrs.len()
+            && self.endpoints.iter().zip(addrs).all(|(e, a)| e.addr == *a)
+    }
+
+    /// The load state of an address, if this cluster has it (kept across
+    /// config swaps).
+    pub fn load_of(&self, addr: SocketAddr) -> Option<Arc<EndpointLoad>> {
+        self.endpoints
+            .iter()
+            .find(|e| e.addr == addr)
+            .map(|e| e.load.clone())
+    }
+}

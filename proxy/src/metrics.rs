@@ -1,0 +1,220 @@
+//! Prometheus metrics. Families are registered once; the request path holds
+//! pre-resolved handles (resolved when a config is compiled), so counting a
+//! request is a couple of atomic adds, never a label lookup.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::sync::Arc;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub direction: &'static str,
+    pub route: String,
+    pub backend: String,
+    pub code_class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub direction: &'static str,
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RetryLabels {
+    pub route: String,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    pub backend: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VersionLabels {
+    pub version: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    pub listener: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub direction: &'static str,
+    pub reason: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 0.1 ms .. ~13 s
+    Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+}
+
+/// Every metric the proxy exports.
+pub struct Metrics {
+    pub registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: HistogramFamily<RouteLabels>,
+    pub errors: Family<ErrorLabels, Counter>,
+    pub retries: Family<RetryLabels, Counter>,
+    pub upstream_overflow: Family<BackendLabels, Counter>,
+    pub outlier_ejections: Family<BackendLabels, Counter>,
+    pub mirrors: Family<BackendLabels, Counter>,
+    pub config_reloads: Family<ResultLabels, Counter>,
+    pub config_info: Family<VersionLabels, Gauge>,
+    pub connections_active: Family<ListenerLabels, Gauge>,
+    pub connections_total: Family<ListenerLabels, Counter>,
+    pub tcp_bytes: Family<ListenerLabels, Counter>,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        let mut registry = Registry::with_prefix("remora");
+        let requests = Family::default();
+        registry.register(
+            "requests",
+            "Requests answered, by direction, route, backend and status class",
+            requests.clone(),
+        );
+        let request_duration: HistogramFamily<RouteLabels> =
+            Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "request_duration_seconds",
+            "Time from request to response headers, retries included",
+            request_duration.clone(),
+        );
+        let errors = Family::default();
+        registry.register(
+            "proxy_errors",
+            "Requests the proxy answered itself, by reason (no-route, timeout, connect, overflow, ...)",
+            errors.clone(),
+        );
+        let retries = Family::default();
+        registry.register(
+            "retries",
+            "Retries by route and result (attempted, budget_exhausted, not_retryable)",
+            retries.clone(),
+        );
+        let upstream_overflow = Family::default();
+        registry.register(
+            "upstream_overflow",
+            "Requests refused with 503 because a backend was over its connection and pending limits",
+            upstream_overflow.clone(),
+        );
+        let outlier_ejections = Family::default();
+        registry.register(
+            "outlier_ejections",
+            "Endpoints ejected by outlier detection",
+            outlier_ejections.clone(),
+        );
+        let mirrors = Family::default();
+        registry.register(
+            "mirrored_requests",
+            "Requests copied to a mirror backend",
+            mirrors.clone(),
+        );
+        let config_reloads = Family::default();
+        registry.register(
+            "config_reloads",
+            "Config changes seen, by result (applied, rejected)",
+            config_reloads.clone(),
+        );
+        let config_info = Family::default();
+        registry.register(
+            "config_info",
+            "The running config version (value 1)",
+            config_info.clone(),
+        );
+        let connections_active = Family::default();
+        registry.register(
+            "connections_active",
+            "Open client connections by listener",
+            connections_active.clone(),
+        );
+        let connections_total = Family::default();
+        registry.register(
+            "connections",
+            "Accepted client connections by listener",
+            connections_total.clone(),
+        );
+        let tcp_bytes = Family::default();
+        registry.register(
+            "tcp_bytes",
+            "Bytes forwarded on opaque TCP connections",
+            tcp_bytes.clone(),
+        );
+        Arc::new(Metrics {
+            registry,
+            requests,
+            request_duration,
+            errors,
+            retries,
+            upstream_overflow,
+            outlier_ejections,
+            mirrors,
+            config_reloads,
+            config_info,
+            connections_active,
+            connections_total,
+            tcp_bytes,
+        })
+    }
+
+    /// Handles for one (direction, route, backend), resolved once.
+    pub fn route(&self, direction: &'static str, route: &str, backend: &str) -> RouteMetrics {
+        const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+        let by_class = CLASSES.map(|c| {
+            self.requests.get_or_create_owned(&RequestLabels {
+                direction,
+                route: route.to_string(),
+                backend: backend.to_string(),
+                code_class: c,
+            })
+        });
+        let duration = self.request_duration.get_or_create_owned(&RouteLabels {
+            direction,
+            route: route.to_string(),
+        });
+        RouteMetrics { by_class, duration }
+    }
+
+    pub fn error(&self, direction: &'static str, reason: &'static str) {
+        self.errors
+            .get_or_create(&ErrorLabels { direction, reason })
+            .inc();
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Encoding into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[derive(Clone)]
+pub struct RouteMetrics {
+    by_class: [Counter; 5],
+    duration: Histogram,
+}
+
+impl RouteMetrics {
+    pub fn record(&self, status: u16, elapsed: std::time::Duration) {
+        let class = (status / 100).clamp(1, 5) as usize - 1;
+        self.by_class[class].inc();
+        self.duration.observe(elapsed.as_secs_f64());
+    }
+}

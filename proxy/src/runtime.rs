@@ -1,0 +1,419 @@
+//! Compiles a validated config into the immutable runtime the request path
+//! reads: route tables, clusters, retry budgets. A new runtime is published
+//! with one `ArcSwap::store`; requests in flight keep the `Arc` they loaded.
+//! What did not change is carried over from the previous runtime: connection
+//! pools, endpoint latency estimates, outlier state, retry budgets.
+
+use crate::balance::OutlierConfig;
+use crate::cluster::{Cluster, Endpoint, Protocol};
+use crate::metrics::{BackendLabels, Metrics};
+use crate::pool::{Pool, PoolConfig};
+use crate::retry::{BudgetParams, RetryBudget, RetryPolicy};
+use crate::route::*;
+use http::header::{HeaderName, HeaderValue};
+use http::Method;
+use regex::Regex;
+use remora_proto::duration::parse_opt;
+use remora_proto::model::{self, Config};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Proxy-wide settings that shape compilation (from flags).
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub pool: PoolConfig,
+    pub outlier: OutlierConfig,
+    /// The namespace this proxy runs in: short Service names resolve here.
+    pub namespace: String,
+    pub default_budget: BudgetParams,
+}
+
+pub struct Runtime {
+    pub version: String,
+    pub config: Arc<Config>,
+    pub routes: RouteTable,
+    pub clusters: HashMap<String, Arc<Cluster>>,
+    pub budgets: HashMap<String, Arc<RetryBudget>>,
+}
+
+impl Runtime {
+    /// The runtime before any config arrived: no routes.
+    pub fn empty() -> Runtime {
+        Runtime {
+            version: String::new(),
+            config: Arc::new(Config::default()),
+            routes: RouteTable::default(),
+            clusters: HashMap::new(),
+            budgets: HashMap::new(),
+        }
+    }
+}
+
+const DEFAULT_RETRY_ATTEMPTS: u32 = 2;
+const DEFAULT_RETRY_BACKOFF: Duration = Duration::from_millis(25);
+
+/// Builds a runtime from a config that `remora_proto::prepare` accepted.
+pub fn compile(
+    cfg: Config,
+    version: String,
+    prev: &Runtime,
+    s: &Settings,
+    metrics: &Metrics,
+) -> Result<Runtime, String> {
+    let mut clusters = HashMap::new();
+    // Service id -> (port -> (protocol, cluster id))
+    let mut ports: HashMap<String, Vec<(u16, String)>> = HashMap::new();
+    for svc in &cfg.services {
+        let id = remora_proto::resource_id(svc.metadata.as_ref());
+        let spec = svc.spec.clone().unwrap_or_default();
+        for p in &spec.ports {
+            let protocol = Protocol::parse(&p.protocol)
+                .ok_or_else(|| format!("Service {id}: unknown protocol {:?}", p.protocol))?;
+            let cid = format!("{id}:{}", p.port);
+            let mut addrs = Vec::new();
+            for e in &spec.endpoints {
+                let ip: IpAddr = e
+                    .address
+                    .parse()
+                    .map_err(|_| format!("Service {id}: bad address {:?}", e.address))?;
+                let port = if e.port != 0 { e.port } else { p.target_port };
+                addrs.push(SocketAddr::new(ip, port as u16));
+            }
+            let cluster =
+                build_cluster(&cid, protocol, &addrs, prev.clusters.get(&cid), s, metrics);
+            clusters.insert(cid.clone(), cluster);
+            ports
+                .entry(id.clone())
+                .or_default()
+                .push((p.port as u16, cid));
+        }
+    }
+
+    let mut budgets = HashMap::new();
+    let mut table = RouteTable::default();
+    for svc in &cfg.services {
+        let meta = svc.metadata.clone().unwrap_or_default();
+        let id = format!("{}/{}", meta.namespace, meta.name);
+        let mut port_routes = Vec::new();
+        for (port, cid) in ports.get(&id).into_iter().flatten() {
+            let mut entries = Vec::new();
+            let mut attached = false;
+            for route in &cfg.http_routes {
+                let rmeta = route.metadata.clone().unwrap_or_default();
+                let spec = route.spec.clone().unwrap_or_default();
+                let applies = spec.parent_refs.iter().any(|p| {
+                    p.namespace == meta.namespace
+                        && p.name == meta.name
+                        && (p.port == 0 || p.port as u16 == *port)
+                });
+                if !applies {
+                    continue;
+                }
+                attached = true;
+                for (i, rule) in spec.rules.iter().enumerate() {
+                    let rule_id = if rule.name.is_empty() {
+                        format!("{}/{}/rule-{i}", rmeta.namespace, rmeta.name)
+                    } else {
+                        format!("{}/{}/{}", rmeta.namespace, rmeta.name, rule.name)
+                    };
+                    let compiled = Arc::new(compile_rule(
+                        &rule_id,
+                        rule,
+                        cid,
+                        &clusters,
+                        &ports,
+                        prev,
+                        &mut budgets,
+                        s,
+                        metrics,
+                    )?);
+                    let matches = if rule.matches.is_empty() {
+                        vec![model::HttpRouteMatch::default()]
+                    } else {
+                        rule.matches.clone()
+                    };
+                    for m in &matches {
+                        entries.push((compile_match(m)?, compiled.clone()));
+                    }
+                }
+            }
+            // Stable: equal precedence keeps route order (name) then rule order.
+            entries.sort_by_key(|(m, _)| m.precedence());
+            let fallback = (!attached).then(|| {
+                let cluster = clusters[cid].clone();
+                Arc::new(Rule {
+                    id: format!("{id}:{port}/default"),
+                    backends: vec![Backend {
+                        metrics: metrics.route("outbound", &format!("{id}:{port}/default"), cid),
+                        cluster,
+                        weight: 1,
+                    }],
+                    total_weight: 1,
+                    request_headers: None,
+                    response_headers: None,
+                    mirror: None,
+                    timeout: None,
+                    per_try_timeout: None,
+                    retry: None,
+                })
+            });
+            port_routes.push(PortRoutes {
+                port: *port,
+                entries,
+                fallback,
+            });
+        }
+        let routes = Arc::new(ServiceRoutes {
+            id: id.clone(),
+            ports: port_routes,
+        });
+        let (ns, name) = (&meta.namespace, &meta.name);
+        if *ns == s.namespace {
+            table.hosts.insert(name.clone(), routes.clone());
+        }
+        for host in [
+            format!("{name}.{ns}"),
+            format!("{name}.{ns}.svc"),
+            format!("{name}.{ns}.svc.cluster.local"),
+        ] {
+            table.hosts.insert(host, routes.clone());
+        }
+    }
+
+    Ok(Runtime {
+        version,
+        config: Arc::new(cfg),
+        routes: table,
+        clusters,
+        budgets,
+    })
+}
+
+/// A cluster for `addrs`, reusing the previous one whole when nothing
+/// changed, and its pool and per-endpoint state when only endpoints did.
+pub fn build_cluster(
+    id: &str,
+    protocol: Protocol,
+    addrs: &[SocketAddr],
+    prev: Option<&Arc<Cluster>>,
+    s: &Settings,
+    metrics: &Metrics,
+) -> Arc<Cluster> {
+    if let Some(p) = prev {
+        if p.same_shape(protocol, addrs) {
+            return p.clone();
+        }
+    }
+    let pool = match prev {
+        Some(p) if p.protocol == protocol => p.pool.clone(),
+        _ => Arc::new(Pool::new(s.pool, protocol.is_h2())),
+    };
+    let endpoints = addrs
+        .iter()
+        .filter_map(|a| {
+            let load = prev.and_then(|p| p.load_of(*a)).unwrap_or_default();
+            Endpoint::new(*a, load)
+        })
+        .collect();
+    let labels = BackendLabels {
+        backend: id.to_string(),
+    };
+    Arc::new(Cluster {
+        id: id.to_string(),
+        protocol,
+        endpoints,
+        pool,
+        outlier: s.outlier,
+        overflow: metrics.upstream_overflow.get_or_create_owned(&labels),
+        ejections: metrics.outlier_ejections.get_or_create_owned(&labels),
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn compile_rule(
+    rule_id: &str,
+    rule: &model::HttpRouteRule,
+    parent_cluster: &str,
+    clusters: &HashMap<String, Arc<Cluster>>,
+    ports: &HashMap<String, Vec<(u16, String)>>,
+    prev: &Runtime,
+    budgets: &mut HashMap<String, Arc<RetryBudget>>,
+    s: &Settings,
+    metrics: &Metrics,
+) -> Result<Rule, String> {
+    let resolve = |b: &model::BackendRef| -> Result<Arc<Cluster>, String> {
+        let sid = format!("{}/{}", b.namespace, b.name);
+        let svc_ports = ports
+            .get(&sid)
+            .ok_or_else(|| format!("{rule_id}: Service {sid} not found"))?;
+        let cid = match b.port {
+            0 => {
+                &svc_ports
+                    .first()
+                    .ok_or_else(|| format!("{rule_id}: Service {sid} has no ports"))?
+                    .1
+            }
+            p => {
+                &svc_ports
+                    .iter()
+                    .find(|(port, _)| *port as u32 == p)
+                    .ok_or_else(|| format!("{rule_id}: Service {sid} has no port {p}"))?
+                    .1
+            }
+        };
+        Ok(clusters[cid].clone())
+    };
+
+    let mut backends = Vec::new();
+    if rule.backend_refs.is_empty() {
+        let cluster = clusters[parent_cluster].clone();
+        backends.push(Backend {
+            metrics: metrics.route("outbound", rule_id, &cluster.id),
+            cluster,
+            weight: 1,
+        });
+    }
+    for b in &rule.backend_refs {
+        let cluster = resolve(b)?;
+        backends.push(Backend {
+            metrics: metrics.route("outbound", rule_id, &cluster.id),
+            cluster,
+            weight: b.weight.unwrap_or(1),
+        });
+    }
+    let total_weight = backends.iter().map(|b| b.weight as u64).sum();
+
+    let (mut request_headers, mut response_headers, mut mirror) = (None, None, None);
+    for f in &rule.filters {
+        if let Some(h) = &f.request_header_modifier {
+            request_headers = Some(header_mod(h)?);
+        }
+        if let Some(h) = &f.response_header_modifier {
+            response_headers = Some(header_mod(h)?);
+        }
+        if let Some(m) = &f.request_mirror {
+            let b = m.backend_ref.as_ref().ok_or("mirror without backendRef")?;
+            mirror = Some(Mirror {
+                cluster: resolve(b)?,
+                percent: m.percent.unwrap_or(100),
+            });
+        }
+    }
+
+    let (mut timeout, mut per_try_timeout) = (None, None);
+    if let Some(t) = &rule.timeouts {
+        timeout = parse_opt(&t.request)?;
+        per_try_timeout = parse_opt(&t.backend_request)?;
+    }
+
+    let retry = match &rule.retry {
+        None => None,
+        Some(r) => {
+            let mut params = s.default_budget;
+            if let Some(b) = &r.budget {
+                if let Some(p) = b.percent {
+                    params.percent = p;
+                }
+                if let Some(m) = b.min_retries_per_second {
+                    params.min_per_sec = m;
+                }
+                if let Some(w) = parse_opt(&b.interval)? {
+                    params.window = w;
+                }
+            }
+            let budget = match prev.budgets.get(rule_id) {
+                Some(old) if old.params() == params => old.clone(),
+                _ => Arc::new(RetryBudget::new(params)),
+            };
+            budgets.insert(rule_id.to_string(), budget.clone());
+            Some(RetryPolicy {
+                codes: r.codes.iter().map(|&c| c as u16).collect(),
+                attempts: r.attempts.unwrap_or(DEFAULT_RETRY_ATTEMPTS),
+                backoff: parse_opt(&r.backoff)?.unwrap_or(DEFAULT_RETRY_BACKOFF),
+                non_idempotent: r.non_idempotent,
+                budget,
+            })
+        }
+    };
+
+    Ok(Rule {
+        id: rule_id.to_string(),
+        backends,
+        total_weight,
+        request_headers,
+        response_headers,
+        mirror,
+        timeout,
+        per_try_timeout,
+        retry,
+    })
+}
+
+fn header_mod(h: &model::HttpHeaderFilter) -> Result<HeaderMod, String> {
+    let pair = |kv: &model::HttpHeader| -> Result<(HeaderName, HeaderValue), String> {
+        Ok((
+            HeaderName::from_bytes(kv.name.as_bytes()).map_err(|e| e.to_string())?,
+            HeaderValue::from_str(&kv.value).map_err(|e| e.to_string())?,
+        ))
+    };
+    Ok(HeaderMod {
+        set: h.set.iter().map(pair).collect::<Result<_, _>>()?,
+        add: h.add.iter().map(pair).collect::<Result<_, _>>()?,
+        remove: h
+            .remove
+            .iter()
+            .map(|n| HeaderName::from_bytes(n.as_bytes()).map_err(|e| e.to_string()))
+            .collect::<Result<_, _>>()?,
+    })
+}
+
+fn anchored(pattern: &str) -> Result<Regex, String> {
+    regex::RegexBuilder::new(&format!("^(?:{pattern})$"))
+        .size_limit(remora_proto::validate::MAX_REGEX_BYTES)
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+fn value_match(ty: &str, value: &str) -> Result<ValueMatch, String> {
+    Ok(match ty {
+        "RegularExpression" => ValueMatch::Regex(anchored(value)?),
+        _ => ValueMatch::Exact(value.to_string()),
+    })
+}
+
+fn compile_match(m: &model::HttpRouteMatch) -> Result<Matcher, String> {
+    let path = match &m.path {
+        None => PathMatch::Prefix(String::new()),
+        Some(p) => match p.r#type.as_str() {
+            "Exact" => PathMatch::Exact(p.value.clone()),
+            "RegularExpression" => PathMatch::Regex(anchored(&p.value)?),
+            _ => PathMatch::Prefix(p.value.trim_end_matches('/').to_string()),
+        },
+    };
+    let method = if m.method.is_empty() {
+        None
+    } else {
+        Some(Method::from_bytes(m.method.as_bytes()).map_err(|e| e.to_string())?)
+    };
+    let headers = m
+        .headers
+        .iter()
+        .map(|h| {
+            let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|e| e.to_string())?;
+            Ok((name, value_match(&h.r#type, &h.value)?))
+        })
+        .collect::<Result<_, String>>()?;
+    let query = m
+        .query_params
+        .iter()
+        .map(|q| Ok((q.name.clone(), value_match(&q.r#type, &q.value)?)))
+        .collect::<Result<_, String>>()?;
+    Ok(Matcher {
+        path,
+        method,
+        headers,
+        query,
+    })
+}

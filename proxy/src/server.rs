@@ -1,0 +1,247 @@
+//! Listeners: accept, bound, serve, drain. HTTP listeners serve HTTP/1.1 and
+//! h2c on one port (hyper-util's auto builder reads the preface); opaque
+//! listeners copy bytes. Every connection watches two signals: shutdown
+//! (drain gracefully) and idleness (close a keep-alive connection nobody
+//! uses).
+
+use crate::metrics::{ListenerLabels, Metrics};
+use crate::proxy::{Direction, Proxy};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+/// Limits applied to every client connection.
+#[derive(Clone, Debug)]
+pub struct ServerLimits {
+    pub max_connections: usize,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_concurrent_streams: u32,
+}
+
+/// Shared by every listener: the shutdown signal and the connections to
+/// wait for when draining.
+#[derive(Clone)]
+pub struct Lifecycle {
+    pub shutdown: watch::Receiver<bool>,
+    pub tracker: TaskTracker,
+}
+
+fn http_builder(limits: &ServerLimits) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        .max_headers(limits.max_headers)
+        .keep_alive(true);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(limits.max_header_bytes as u32)
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .keep_alive_interval(Some(Duration::from_secs(30)));
+    b
+}
+
+/// Accepts until shutdown; then closes the listener (new connections are
+/// refused) and leaves open ones to drain.
+pub async fn serve_http(
+    listener: TcpListener,
+    name: &'static str,
+    direction: Direction,
+    proxy: Arc<Proxy>,
+    limits: ServerLimits,
+    life: Lifecycle,
+) {
+    let builder = Arc::new(http_builder(&limits));
+    let idle = limits.idle_timeout;
+    accept_loop(
+        listener,
+        name,
+        &proxy.metrics.clone(),
+        &limits,
+        life.clone(),
+        move |stream, _peer| {
+            let (proxy, builder, shutdown) =
+                (proxy.clone(), builder.clone(), life.shutdown.clone());
+            async move { serve_http_conn(stream, direction, proxy, &builder, idle, shutdown).await }
+        },
+    )
+    .await
+}
+
+/// Accepts until shutdown and forwards each connection's bytes to `target`.
+pub async fn serve_tcp(
+    listener: TcpListener,
+    name: &'static str,
+    target: SocketAddr,
+    connect_timeout: Duration,
+    metrics: Arc<Metrics>,
+    limits: ServerLimits,
+    life: Lifecycle,
+) {
+    let bytes = metrics
+        .tcp_bytes
+        .get_or_create_owned(&ListenerLabels { listener: name });
+    accept_loop(
+        listener,
+        name,
+        &metrics,
+        &limits,
+        life,
+        move |mut client, peer| {
+            let bytes = bytes.clone();
+            async move {
+                let upstream =
+                    tokio::time::timeout(connect_timeout, TcpStream::connect(target)).await;
+                let mut upstream = match upstream {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => return warn!(%peer, %target, error = %e, "opaque connect failed"),
+                    Err(_) => return warn!(%peer, %target, "opaque connect timed out"),
+                };
+                let _ = upstream.set_nodelay(true);
+                match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                    Ok((a, b)) => {
+                        bytes.inc_by(a + b);
+                    }
+                    Err(e) => debug!(%peer, error = %e, "opaque connection ended"),
+                }
+            }
+        },
+    )
+    .await
+}
+
+async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    name: &'static str,
+    metrics: &Metrics,
+    limits: &ServerLimits,
+    mut life: Lifecycle,
+    serve: F,
+) where
+    F: Fn(TcpStream, SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let labels = ListenerLabels { listener: name };
+    let active = metrics.connections_active.get_or_create_owned(&labels);
+    let total = metrics.connections_total.get_or_create_owned(&labels);
+    // At most max_connections open: past it, stop accepting (the kernel
+    // backlog holds the rest) rather than accept and drop.
+    let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    if let Ok(addr) = listener.local_addr() {
+        info!(listener = name, %addr, "listening");
+    }
+    loop {
+        if *life.shutdown.borrow() {
+            break;
+        }
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            _ = life.shutdown.changed() => break,
+        };
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    warn!(listener = name, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = life.shutdown.changed() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        total.inc();
+        active.inc();
+        let active = active.clone();
+        let fut = serve(stream, peer);
+        life.tracker.spawn(async move {
+            fut.await;
+            active.dec();
+            drop(permit);
+        });
+    }
+    drop(listener);
+    info!(listener = name, "stopped accepting");
+}
+
+/// When the connection last started or finished a request, and how many
+/// are in flight: what the idle timer needs.
+#[derive(Default)]
+struct Activity {
+    inflight: AtomicUsize,
+    last_ms: AtomicU64,
+}
+
+async fn serve_http_conn(
+    stream: TcpStream,
+    direction: Direction,
+    proxy: Arc<Proxy>,
+    builder: &auto::Builder<TokioExecutor>,
+    idle: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let activity = Arc::new(Activity::default());
+    activity.last_ms.store(crate::balance::now_ms(), Relaxed);
+    let act = activity.clone();
+    let svc = service_fn(move |req| {
+        let proxy = proxy.clone();
+        let act = act.clone();
+        async move {
+            act.inflight.fetch_add(1, Relaxed);
+            let resp = match direction {
+                Direction::Outbound => proxy.outbound(req).await,
+                Direction::Inbound => proxy.inbound(req).await,
+            };
+            act.last_ms.store(crate::balance::now_ms(), Relaxed);
+            act.inflight.fetch_sub(1, Relaxed);
+            Ok::<_, Infallible>(resp)
+        }
+    });
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+    tokio::pin!(conn);
+    let mut closing = *shutdown.borrow();
+    if closing {
+        conn.as_mut().graceful_shutdown();
+    }
+    loop {
+        let last = activity.last_ms.load(Relaxed);
+        let idle_at = tokio::time::Instant::now()
+            + (Duration::from_millis(last) + idle)
+                .saturating_sub(Duration::from_millis(crate::balance::now_ms()));
+        tokio::select! {
+            biased;
+            res = conn.as_mut() => {
+                if let Err(e) = res {
+                    debug!(error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            _ = shutdown.changed(), if !closing => {
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            _ = tokio::time::sleep_until(idle_at), if !closing => {
+                let quiet = crate::balance::now_ms().saturating_sub(activity.last_ms.load(Relaxed));
+                if activity.inflight.load(Relaxed) == 0 && quiet >= idle.as_millis() as u64 {
+                    debug!("closing idle connection");
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            }
+        }
+    }
+}
