@@ -70,6 +70,23 @@ impl Cluster {
         pick_p2c(&self.endpoints, |e| &e.load).map(|i| &self.endpoints[i])
     }
 
+    /// Like `pick`, but a retry does not go back to the endpoint that just
+    /// failed when there is another one.
+    pub fn pick_avoiding(&self, avoid: Option<SocketAddr>) -> Option<&Endpoint> {
+        let ep = self.pick()?;
+        match avoid {
+            Some(a) if ep.addr == a && self.endpoints.len() > 1 => {
+                let now = crate::balance::now_ms();
+                let others = self.endpoints.iter().filter(|e| e.addr != a);
+                let healthy = others.clone().filter(|e| e.load.available(now));
+                healthy
+                    .min_by(|x, y| x.load.cost(now).total_cmp(&y.load.cost(now)))
+                    .or_else(|| others.min_by(|x, y| x.load.cost(now).total_cmp(&y.load.cost(now))))
+            }
+            _ => Some(ep),
+        }
+    }
+
     /// Same protocol and the same endpoint addresses, in order.
     pub fn same_shape(&self, protocol: Protocol, addrs: &[SocketAddr]) -> bool {
         self.protocol == protocol

@@ -21,6 +21,7 @@ use http::uri::{PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
@@ -198,13 +199,17 @@ impl Proxy {
         let tries = async {
             let Some(policy) = retry.filter(|_| replay.replayable()) else {
                 let req = head.request(replay.next(), cluster);
-                return self.try_once(cluster, req, rule.per_try_timeout).await;
+                return self
+                    .try_once(cluster, req, rule.per_try_timeout, &mut None)
+                    .await;
             };
             policy.budget.deposit();
-            let mut retries = 0;
+            let (mut retries, mut last) = (0, None);
             loop {
                 let req = head.request(replay.next(), cluster);
-                let result = self.try_once(cluster, req, rule.per_try_timeout).await;
+                let result = self
+                    .try_once(cluster, req, rule.per_try_timeout, &mut last)
+                    .await;
                 let retryable = match &result {
                     Ok(resp) => policy.retries_status(resp.status().as_u16()),
                     Err(e) => matches!(
@@ -260,7 +265,7 @@ impl Proxy {
                 up.headers_mut().insert(header::UPGRADE, proto);
             }
         }
-        let mut resp = self.try_once(cluster, up, per_try).await?;
+        let mut resp = self.try_once(cluster, up, per_try, &mut None).await?;
         if let (Some(client_upgrade), StatusCode::SWITCHING_PROTOCOLS) =
             (client_upgrade, resp.status())
         {
@@ -276,10 +281,12 @@ impl Proxy {
         cluster: &Cluster,
         mut req: Request<Body>,
         per_try: Option<Duration>,
+        last: &mut Option<SocketAddr>,
     ) -> Result<Response<Body>, ProxyError> {
         let ep = cluster
-            .pick()
+            .pick_avoiding(*last)
             .ok_or_else(|| ProxyError::NoEndpoints(cluster.id.clone()))?;
+        *last = Some(ep.addr);
         let Some(_admitted) = cluster.pool.admit() else {
             cluster.overflow.inc();
             return Err(ProxyError::Overflow(cluster.id.clone()));

@@ -417,3 +417,97 @@ fn compile_match(m: &model::HttpRouteMatch) -> Result<Matcher, String> {
         query,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> Settings {
+        Settings {
+            pool: PoolConfig {
+                connect_timeout: Duration::from_secs(1),
+                idle_timeout: Duration::from_secs(90),
+                max_connections: 10,
+                max_pending: 10,
+            },
+            outlier: OutlierConfig {
+                consecutive_failures: 5,
+                base_ejection: Duration::from_secs(10),
+                max_ejection: Duration::from_secs(300),
+            },
+            namespace: "default".into(),
+            default_budget: BudgetParams {
+                percent: 20.0,
+                min_per_sec: 10,
+                window: Duration::from_secs(10),
+            },
+        }
+    }
+
+    fn cfg(endpoints: &str, backoff: &str) -> Config {
+        let yaml = format!(
+            "kind: Service\nmetadata: {{name: a}}\nspec:\n  ports: [{{port: 80}}]\n  endpoints: [{endpoints}]\n---\n\
+             kind: HTTPRoute\nmetadata: {{name: r}}\nspec:\n  parentRefs: [{{name: a}}]\n  rules:\n  - retry: {{codes: [503], backoff: {backoff}}}\n"
+        );
+        remora_proto::prepare(remora_proto::parse_yaml(&yaml, "t").unwrap()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn unchanged_state_survives_a_swap() {
+        let (s, m) = (settings(), Metrics::new());
+        let one = "{address: 127.0.0.1, port: 1001}";
+        let two = "{address: 127.0.0.1, port: 1001}, {address: 127.0.0.1, port: 1002}";
+        let v1 = compile(cfg(one, "10ms"), "1".into(), &Runtime::empty(), &s, &m).unwrap();
+        let c1 = v1.clusters["default/a:80"].clone();
+        c1.endpoints[0].load.observe(Duration::from_millis(40));
+
+        // Only a route changed: the cluster is the very same object.
+        let v2 = compile(cfg(one, "20ms"), "2".into(), &v1, &s, &m).unwrap();
+        assert!(Arc::ptr_eq(&c1, &v2.clusters["default/a:80"]));
+        // The retry budget's parameters did not change: same budget.
+        assert!(Arc::ptr_eq(
+            &v1.budgets["default/r/rule-0"],
+            &v2.budgets["default/r/rule-0"]
+        ));
+
+        // An endpoint joined: a new cluster, but the pool and the known
+        // endpoint's latency estimate carry over.
+        let v3 = compile(cfg(two, "20ms"), "3".into(), &v2, &s, &m).unwrap();
+        let c3 = &v3.clusters["default/a:80"];
+        assert!(!Arc::ptr_eq(&c1, c3));
+        assert!(Arc::ptr_eq(&c1.pool, &c3.pool));
+        assert!(Arc::ptr_eq(&c1.endpoints[0].load, &c3.endpoints[0].load));
+        assert_eq!(c3.endpoints.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn routes_resolve_by_short_and_qualified_names() {
+        let (s, m) = (settings(), Metrics::new());
+        let rt = compile(
+            cfg("{address: 127.0.0.1, port: 1001}", "10ms"),
+            "1".into(),
+            &Runtime::empty(),
+            &s,
+            &m,
+        )
+        .unwrap();
+        for host in [
+            "a",
+            "a:80",
+            "a.default",
+            "a.default.svc.cluster.local:80",
+            "A.Default",
+        ] {
+            let req = http::Request::get("/")
+                .header("host", host)
+                .body(())
+                .unwrap();
+            assert!(matches!(rt.routes.find(&req), Lookup::Found(_)), "{host}");
+        }
+        let req = http::Request::get("/")
+            .header("host", "a:81")
+            .body(())
+            .unwrap();
+        assert!(matches!(rt.routes.find(&req), Lookup::UnknownHost));
+    }
+}

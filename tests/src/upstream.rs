@@ -11,7 +11,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -40,6 +40,7 @@ pub struct Seen {
 pub struct Upstream {
     pub addr: SocketAddr,
     pub name: String,
+    fail: Arc<Failing>,
     hits: Arc<AtomicUsize>,
     seen: Arc<Mutex<Vec<Seen>>>,
     task: tokio::task::JoinHandle<()>,
@@ -55,17 +56,21 @@ impl Upstream {
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicUsize::new(0));
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let (h, s, n) = (hits.clone(), seen.clone(), name.to_string());
+        let fail = Arc::new(Failing::default());
+        let (h, s, n, f) = (hits.clone(), seen.clone(), name.to_string(), fail.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                let (h, s, n) = (h.clone(), s.clone(), n.clone());
+                let (h, s, n, f) = (h.clone(), s.clone(), n.clone(), f.clone());
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| {
-                        let (h, s, n) = (h.clone(), s.clone(), n.clone());
-                        async move { Ok::<_, Infallible>(handle(req, behavior, &n, &h, &s).await) }
+                        let (h, s, n, f) = (h.clone(), s.clone(), n.clone(), f.clone());
+                        async move {
+                            let behavior = f.take().map_or(behavior, Behavior::Status);
+                            Ok::<_, Infallible>(handle(req, behavior, &n, &h, &s).await)
+                        }
                     });
                     let _ = auto::Builder::new(TokioExecutor::new())
                         .serve_connection_with_upgrades(TokioIo::new(stream), svc)
@@ -76,10 +81,25 @@ impl Upstream {
         Upstream {
             addr,
             name: name.to_string(),
+            fail,
             hits,
             seen,
             task,
         }
+    }
+
+    /// Answers every request with `status` from now on (None: behave again).
+    pub fn fail_with(&self, status: Option<u16>) {
+        self.fail_next(
+            if status.is_some() { usize::MAX } else { 0 },
+            status.unwrap_or(0),
+        );
+    }
+
+    /// Answers the next `n` requests with `status`, then behaves again.
+    pub fn fail_next(&self, n: usize, status: u16) {
+        self.fail.status.store(status, Ordering::SeqCst);
+        self.fail.remaining.store(n, Ordering::SeqCst);
     }
 
     pub fn hits(&self) -> usize {
@@ -88,6 +108,26 @@ impl Upstream {
 
     pub fn seen(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
+    }
+}
+
+/// A failure override: `remaining` requests (usize::MAX: all) get `status`.
+#[derive(Default)]
+struct Failing {
+    status: AtomicU16,
+    remaining: AtomicUsize,
+}
+
+impl Failing {
+    fn take(&self) -> Option<u16> {
+        let taken = self
+            .remaining
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| match n {
+                0 => None,
+                usize::MAX => Some(n),
+                n => Some(n - 1),
+            });
+        taken.ok().map(|_| self.status.load(Ordering::SeqCst))
     }
 }
 
