@@ -52,8 +52,18 @@ impl Upstream {
     }
 
     pub async fn start_on(addr: SocketAddr, name: &str, behavior: Behavior) -> Upstream {
-        let listener = TcpListener::bind(addr).await.expect("bind upstream");
-        let addr = listener.local_addr().unwrap();
+        Self::try_start_on(addr, name, behavior)
+            .await
+            .expect("bind upstream")
+    }
+
+    pub async fn try_start_on(
+        addr: SocketAddr,
+        name: &str,
+        behavior: Behavior,
+    ) -> std::io::Result<Upstream> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
         let hits = Arc::new(AtomicUsize::new(0));
         let seen = Arc::new(Mutex::new(Vec::new()));
         let fail = Arc::new(Failing::default());
@@ -78,14 +88,14 @@ impl Upstream {
                 });
             }
         });
-        Upstream {
+        Ok(Upstream {
             addr,
             name: name.to_string(),
             fail,
             hits,
             seen,
             task,
-        }
+        })
     }
 
     /// Answers every request with `status` from now on (None: behave again).

@@ -14,9 +14,17 @@ struct Args {
 }
 
 #[tokio::main(flavor = "current_thread")]
-async fn main() {
+async fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    let up = Upstream::start_on(args.addr, &args.name, Behavior::Demo).await;
-    eprintln!("remora-demo {} listening on {}", up.name, up.addr);
-    let _ = tokio::signal::ctrl_c().await;
+    match Upstream::try_start_on(args.addr, &args.name, Behavior::Demo).await {
+        Ok(up) => {
+            eprintln!("remora-demo {} listening on {}", up.name, up.addr);
+            let _ = tokio::signal::ctrl_c().await;
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("remora-demo: cannot listen on {}: {e}", args.addr);
+            std::process::ExitCode::from(2)
+        }
+    }
 }
