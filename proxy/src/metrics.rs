@@ -191,6 +191,14 @@ impl Metrics {
         RouteMetrics { by_class, duration }
     }
 
+    /// Creates a listener's series up front, so they exist (at zero) as
+    /// soon as the proxy is ready.
+    pub fn listener(&self, listener: &'static str) {
+        let l = ListenerLabels { listener };
+        let _ = self.connections_active.get_or_create(&l);
+        let _ = self.connections_total.get_or_create(&l);
+    }
+
     pub fn error(&self, direction: &'static str, reason: &'static str) {
         self.errors
             .get_or_create(&ErrorLabels { direction, reason })

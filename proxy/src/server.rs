@@ -100,7 +100,7 @@ pub async fn serve_tcp(
         &metrics,
         &limits,
         life,
-        move |mut client, peer| {
+        move |client, peer| {
             let bytes = bytes.clone();
             async move {
                 let upstream =
@@ -111,11 +111,10 @@ pub async fn serve_tcp(
                     Err(_) => return warn!(%peer, %target, "opaque connect timed out"),
                 };
                 let _ = upstream.set_nodelay(true);
-                match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-                    Ok((a, b)) => {
-                        bytes.inc_by(a + b);
-                    }
-                    Err(e) => debug!(%peer, error = %e, "opaque connection ended"),
+                // Counted as bytes flow, so long-lived connections show too.
+                let mut counted = Counted { io: client, bytes };
+                if let Err(e) = tokio::io::copy_bidirectional(&mut counted, &mut upstream).await {
+                    debug!(%peer, error = %e, "opaque connection ended");
                 }
             }
         },
@@ -243,5 +242,52 @@ async fn serve_http_conn(
                 }
             }
         }
+    }
+}
+
+/// A stream that counts the bytes read from and written to it.
+struct Counted {
+    io: TcpStream,
+    bytes: prometheus_client::metrics::counter::Counter,
+}
+
+impl tokio::io::AsyncRead for Counted {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.io).poll_read(cx, buf);
+        self.bytes.inc_by((buf.filled().len() - before) as u64);
+        r
+    }
+}
+
+impl tokio::io::AsyncWrite for Counted {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.io).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = r {
+            self.bytes.inc_by(n as u64);
+        }
+        r
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
