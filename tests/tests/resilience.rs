@@ -342,3 +342,50 @@ async fn outlier_detection_ejects_and_probes_back() {
     )
     .await;
 }
+
+fn post(proxy: &ProxyProcess, body: Vec<u8>) -> http::Request<http_body_util::Full<bytes::Bytes>> {
+    http::Request::post(format!("http://{}/echo", proxy.outbound))
+        .header("host", "svc")
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn non_idempotent_retry_replays_the_body_when_the_route_allows_it() {
+    let up = Upstream::start("flaky", Behavior::Demo).await;
+    let dir = TempDir::new("postretry");
+    let proxy = start(
+        &dir,
+        &config(&[up.addr], "    retry: {codes: [503], attempts: 2, backoff: 1ms, nonIdempotent: true}\n"),
+        &[],
+    )
+    .await;
+    up.fail_next(1, 503);
+    let body = vec![b'x'; 10_000];
+    let r = send(&http1_client(), post(&proxy, body.clone())).await.unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body.len(), body.len(), "the retried POST carried the whole body");
+    assert_eq!(up.hits(), 2);
+    assert!(up.seen().iter().all(|s| s.body.len() == body.len()));
+}
+
+#[tokio::test]
+async fn bodies_larger_than_the_retry_buffer_are_not_retried() {
+    let up = Upstream::start("flaky", Behavior::Demo).await;
+    let dir = TempDir::new("bigbody");
+    let proxy = start(
+        &dir,
+        &config(&[up.addr], "    retry: {codes: [503], attempts: 2, backoff: 1ms, nonIdempotent: true}\n"),
+        &["--retry-buffer-bytes", "1024"],
+    )
+    .await;
+    up.fail_next(1, 503);
+    let r = send(&http1_client(), post(&proxy, vec![b'y'; 4096])).await.unwrap();
+    assert_eq!(r.status, 503, "too big to buffer: sent once, its answer returned");
+    assert_eq!(up.hits(), 1);
+    // A small body on the same route is retried.
+    up.fail_next(1, 503);
+    let r = send(&http1_client(), post(&proxy, vec![b'y'; 512])).await.unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(up.hits(), 3);
+}
