@@ -1,3 +1,49 @@
-//! remora-control: the control plane. A skeleton until the control-plane
-//! issue lands; remoractl already validates config offline.
+//! remora-control: the control plane. It keeps the mesh config as a
+//! versioned history (`store`), applies changes all or nothing (`mesh`),
+//! tracks registered instances and connected proxies, and streams each
+//! proxy the snapshot its scope needs (`grpc`).
 #![forbid(unsafe_code)]
+
+pub mod grpc;
+pub mod mesh;
+pub mod resources;
+pub mod store;
+
+use remora_proto::control::admin_server::AdminServer;
+use remora_proto::control::discovery_server::DiscoveryServer;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Largest message accepted or sent (a big mesh's snapshot).
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// Serves Discovery and Admin on one listener until `shutdown` resolves.
+pub async fn serve<S: store::Store>(
+    mesh: Arc<mesh::Mesh<S>>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    let discovery = DiscoveryServer::new(grpc::DiscoveryService { mesh: mesh.clone() })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let admin = AdminServer::new(grpc::AdminService { mesh })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tonic::transport::Server::builder()
+        // Notice dead proxies (and let them notice us) without traffic.
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        .tcp_nodelay(true)
+        .add_service(discovery)
+        .add_service(admin)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+}
+
+/// The address a listener actually bound (for logs).
+pub fn local(l: &tokio::net::TcpListener) -> Option<SocketAddr> {
+    l.local_addr().ok()
+}

@@ -1,13 +1,31 @@
-//! remora-proto: the one config model shared by the proxy, the control plane
-//! and remoractl. It owns the protobuf schema, the YAML mapping and the
-//! validation, so every component gives the same answer about a config.
+//! remora-proto: the one model shared by the proxy, the control plane and
+//! remoractl. It owns the protobuf schema (config and gRPC services), the
+//! YAML mapping and the validation, so every component gives the same
+//! answer about a config.
 #![forbid(unsafe_code)]
 
-/// Generated protobuf types (package `remora.config.v1`).
-pub mod model {
-    #![allow(clippy::all, missing_docs)]
-    include!(concat!(env!("OUT_DIR"), "/remora.config.v1.rs"));
+/// Generated code, nested as the proto packages are.
+pub mod pb {
+    pub mod remora {
+        pub mod config {
+            pub mod v1 {
+                #![allow(clippy::all, missing_docs)]
+                include!(concat!(env!("OUT_DIR"), "/remora.config.v1.rs"));
+            }
+        }
+        pub mod control {
+            pub mod v1 {
+                #![allow(clippy::all, missing_docs)]
+                include!(concat!(env!("OUT_DIR"), "/remora.control.v1.rs"));
+            }
+        }
+    }
 }
+
+/// Config types (package `remora.config.v1`).
+pub use pb::remora::config::v1 as model;
+/// Control-plane services and messages (package `remora.control.v1`).
+pub use pb::remora::control::v1 as control;
 
 pub mod duration;
 pub mod validate;

@@ -65,7 +65,19 @@ pub fn prepare(mut cfg: Config) -> Result<Config, ValidationErrors> {
     }
 }
 
-fn normalize(cfg: &mut Config) {
+/// `namespace/name` for a reference written `name` (in `ns`) or `namespace/name`.
+pub fn qualify(ns: &str, reference: &str) -> String {
+    if reference.contains('/') {
+        reference.to_string()
+    } else {
+        format!("{ns}/{reference}")
+    }
+}
+
+/// Fills defaults: namespaces, kinds, protocols, target ports. `prepare`
+/// calls it; the control plane also calls it on partial resource sets so
+/// they key the same way as the running config.
+pub fn normalize(cfg: &mut Config) {
     fn ns(meta: &mut Option<Metadata>) -> String {
         let m = meta.get_or_insert_with(Default::default);
         if m.namespace.is_empty() {
@@ -150,6 +162,18 @@ impl Validator {
             let ports = s.spec.iter().flat_map(|sp| sp.ports.iter().map(|p| p.port));
             services.insert(id, ports.collect());
         }
+        for s in &cfg.services {
+            let calls = s.spec.as_ref().map(|sp| sp.calls.as_slice()).unwrap_or(&[]);
+            if !calls.is_empty() {
+                self.resource = format!("Service {}", crate::resource_id(s.metadata.as_ref()));
+                let ns = s
+                    .metadata
+                    .as_ref()
+                    .map(|m| m.namespace.as_str())
+                    .unwrap_or("");
+                self.calls(ns, calls, &services);
+            }
+        }
         for r in &cfg.http_routes {
             self.resource = format!("HTTPRoute {}", crate::resource_id(r.metadata.as_ref()));
             if !seen.insert(self.resource.clone()) {
@@ -205,10 +229,17 @@ impl Validator {
             }
             if e.port > 65535 {
                 self.err(format!("{f}.port"), "must be 1..65535");
-            } else if e.port != 0 && spec.ports.len() > 1 {
+            }
+        }
+    }
+
+    fn calls(&mut self, ns: &str, calls: &[String], services: &HashMap<String, Vec<u32>>) {
+        for (i, c) in calls.iter().enumerate() {
+            let id = qualify(ns, c);
+            if !services.contains_key(&id) {
                 self.err(
-                    format!("{f}.port"),
-                    "an endpoint port override needs a Service with a single port",
+                    format!("calls[{i}]"),
+                    format!("Service {id} is not defined"),
                 );
             }
         }

@@ -215,13 +215,20 @@ fn run(args: Args) -> Result<()> {
     let admin_l = bind(args.admin_addr, "admin")?;
 
     let metrics = Metrics::new();
-    for (on, name) in [(inbound_l.is_some(), "inbound"), (outbound_l.is_some(), "outbound")] {
+    for (on, name) in [
+        (inbound_l.is_some(), "inbound"),
+        (outbound_l.is_some(), "outbound"),
+    ] {
         if on {
             metrics.listener(name);
         }
     }
     if inbound_l.is_some() && app_protocol == Protocol::Tcp {
-        let _ = metrics.tcp_bytes.get_or_create(&remora_proxy::metrics::ListenerLabels { listener: "inbound" });
+        let _ = metrics
+            .tcp_bytes
+            .get_or_create(&remora_proxy::metrics::ListenerLabels {
+                listener: "inbound",
+            });
     }
     let inbound = (app_protocol != Protocol::Tcp).then(|| Inbound {
         cluster: build_cluster(

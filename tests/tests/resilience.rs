@@ -356,15 +356,24 @@ async fn non_idempotent_retry_replays_the_body_when_the_route_allows_it() {
     let dir = TempDir::new("postretry");
     let proxy = start(
         &dir,
-        &config(&[up.addr], "    retry: {codes: [503], attempts: 2, backoff: 1ms, nonIdempotent: true}\n"),
+        &config(
+            &[up.addr],
+            "    retry: {codes: [503], attempts: 2, backoff: 1ms, nonIdempotent: true}\n",
+        ),
         &[],
     )
     .await;
     up.fail_next(1, 503);
     let body = vec![b'x'; 10_000];
-    let r = send(&http1_client(), post(&proxy, body.clone())).await.unwrap();
+    let r = send(&http1_client(), post(&proxy, body.clone()))
+        .await
+        .unwrap();
     assert_eq!(r.status, 200);
-    assert_eq!(r.body.len(), body.len(), "the retried POST carried the whole body");
+    assert_eq!(
+        r.body.len(),
+        body.len(),
+        "the retried POST carried the whole body"
+    );
     assert_eq!(up.hits(), 2);
     assert!(up.seen().iter().all(|s| s.body.len() == body.len()));
 }
@@ -375,17 +384,27 @@ async fn bodies_larger_than_the_retry_buffer_are_not_retried() {
     let dir = TempDir::new("bigbody");
     let proxy = start(
         &dir,
-        &config(&[up.addr], "    retry: {codes: [503], attempts: 2, backoff: 1ms, nonIdempotent: true}\n"),
+        &config(
+            &[up.addr],
+            "    retry: {codes: [503], attempts: 2, backoff: 1ms, nonIdempotent: true}\n",
+        ),
         &["--retry-buffer-bytes", "1024"],
     )
     .await;
     up.fail_next(1, 503);
-    let r = send(&http1_client(), post(&proxy, vec![b'y'; 4096])).await.unwrap();
-    assert_eq!(r.status, 503, "too big to buffer: sent once, its answer returned");
+    let r = send(&http1_client(), post(&proxy, vec![b'y'; 4096]))
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status, 503,
+        "too big to buffer: sent once, its answer returned"
+    );
     assert_eq!(up.hits(), 1);
     // A small body on the same route is retried.
     up.fail_next(1, 503);
-    let r = send(&http1_client(), post(&proxy, vec![b'y'; 512])).await.unwrap();
+    let r = send(&http1_client(), post(&proxy, vec![b'y'; 512]))
+        .await
+        .unwrap();
     assert_eq!(r.status, 200);
     assert_eq!(up.hits(), 3);
 }

@@ -1,0 +1,176 @@
+//! The gRPC services: Discovery (one stream per proxy) and Admin (what
+//! remoractl calls). Thin: the state and its rules live in `mesh.rs`.
+
+use crate::mesh::Mesh;
+use crate::store::Store;
+use futures_util::Stream;
+use remora_proto::control::admin_server::Admin;
+use remora_proto::control::discovery_request::Kind;
+use remora_proto::control::discovery_server::Discovery;
+use remora_proto::control::*;
+use std::pin::Pin;
+use std::sync::Arc;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, info};
+
+pub struct DiscoveryService<S> {
+    pub mesh: Arc<Mesh<S>>,
+}
+
+type SnapshotStream = Pin<Box<dyn Stream<Item = Result<Snapshot, Status>> + Send>>;
+
+struct Sending<S> {
+    rx: tokio::sync::watch::Receiver<Arc<Snapshot>>,
+    last: Option<String>,
+    first: bool,
+    node: String,
+    mesh: Arc<Mesh<S>>,
+}
+
+#[tonic::async_trait]
+impl<S: Store> Discovery for DiscoveryService<S> {
+    type StreamStream = SnapshotStream;
+
+    async fn stream(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<SnapshotStream>, Status> {
+        let mut incoming = request.into_inner();
+        let hello = match incoming.message().await? {
+            Some(DiscoveryRequest {
+                kind: Some(Kind::Hello(h)),
+            }) => h,
+            _ => return Err(Status::invalid_argument("the first message must be Hello")),
+        };
+        if hello.node_id.is_empty() {
+            return Err(Status::invalid_argument("Hello.node_id is required"));
+        }
+        let node = hello.node_id.clone();
+        info!(node, service = %hello.service, last_version = %hello.last_version, "proxy connected");
+        let (rx, conn) = self
+            .mesh
+            .connect(&node, &hello.service, hello.instance.clone());
+
+        // Acks, NACKs and deregistration arrive on the request stream.
+        let (mesh, n) = (self.mesh.clone(), node.clone());
+        tokio::spawn(async move {
+            loop {
+                match incoming.message().await {
+                    Ok(Some(DiscoveryRequest {
+                        kind: Some(Kind::Ack(a)),
+                    })) => mesh.ack(&n, &a.version, &a.error),
+                    Ok(Some(DiscoveryRequest {
+                        kind: Some(Kind::Deregister(_)),
+                    })) => mesh.deregister(&n),
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            debug!(node = n, "proxy stream ended");
+            mesh.disconnected(&n, conn);
+        });
+
+        // Snapshots go out from the scope's watch channel: the latest only.
+        let start = Sending {
+            rx,
+            last: (!hello.last_version.is_empty()).then_some(hello.last_version),
+            first: true,
+            node,
+            mesh: self.mesh.clone(),
+        };
+        let out = futures_util::stream::unfold(start, |mut st| async move {
+            loop {
+                if !st.first && st.rx.changed().await.is_err() {
+                    return None;
+                }
+                st.first = false;
+                let snap = st.rx.borrow_and_update().clone();
+                if snap.version.is_empty() || st.last.as_deref() == Some(snap.version.as_str()) {
+                    continue;
+                }
+                st.last = Some(snap.version.clone());
+                st.mesh.sent(&st.node, &snap.version);
+                return Some((Ok((*snap).clone()), st));
+            }
+        });
+        Ok(Response::new(Box::pin(out)))
+    }
+}
+
+pub struct AdminService<S> {
+    pub mesh: Arc<Mesh<S>>,
+}
+
+#[tonic::async_trait]
+impl<S: Store> Admin for AdminService<S> {
+    async fn apply(&self, r: Request<ApplyRequest>) -> Result<Response<ChangeResponse>, Status> {
+        let r = r.into_inner();
+        let resp = self
+            .mesh
+            .apply(r.resources.unwrap_or_default(), &r.author)
+            .await?;
+        Ok(Response::new(resp))
+    }
+
+    async fn diff(&self, r: Request<ApplyRequest>) -> Result<Response<DiffResponse>, Status> {
+        let changes = self
+            .mesh
+            .diff(r.into_inner().resources.unwrap_or_default())?;
+        Ok(Response::new(DiffResponse { changes }))
+    }
+
+    async fn delete(&self, r: Request<DeleteRequest>) -> Result<Response<ChangeResponse>, Status> {
+        let r = r.into_inner();
+        let resp = self
+            .mesh
+            .delete(&r.kind, &r.namespace, &r.name, &r.author)
+            .await?;
+        Ok(Response::new(resp))
+    }
+
+    async fn get(&self, r: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        let r = r.into_inner();
+        let (version, cfg) = self.mesh.get(&r.kind, &r.namespace, &r.name)?;
+        Ok(Response::new(GetResponse {
+            version,
+            resources: Some(cfg),
+        }))
+    }
+
+    async fn history(
+        &self,
+        _: Request<HistoryRequest>,
+    ) -> Result<Response<HistoryResponse>, Status> {
+        let entries = self
+            .mesh
+            .history()
+            .into_iter()
+            .map(|r| HistoryEntry {
+                version: r.version,
+                unix_time: r.unix_time,
+                author: r.author,
+                summary: r.summary,
+            })
+            .collect();
+        Ok(Response::new(HistoryResponse { entries }))
+    }
+
+    async fn rollback(
+        &self,
+        r: Request<RollbackRequest>,
+    ) -> Result<Response<ChangeResponse>, Status> {
+        let r = r.into_inner();
+        Ok(Response::new(
+            self.mesh.rollback(r.version, &r.author).await?,
+        ))
+    }
+
+    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        let (config_version, snapshot_version, proxies) = self.mesh.status();
+        Ok(Response::new(StatusResponse {
+            config_version,
+            snapshot_version,
+            proxies,
+        }))
+    }
+}

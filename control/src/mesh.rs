@@ -1,0 +1,579 @@
+//! The control plane's state: the config history (through the store), the
+//! registered instances, the connected proxies, and the snapshots they are
+//! sent.
+//!
+//! Fan-out is publish/subscribe. Proxies that need the same view of the mesh
+//! share a scope; each scope has one `watch` channel holding its latest
+//! snapshot, encoded once and shared by every stream. A watch channel keeps
+//! only the latest value, so a slow or stuck proxy never delays the others
+//! and, when it catches up, gets the newest version rather than every one in
+//! between.
+
+use crate::resources;
+use crate::store::{Revision, Store, StoreError};
+use bytes::Bytes;
+use prost::Message;
+use remora_proto::control::{ChangeResponse, Instance, ProxyStatus, ResourceChange, Snapshot};
+use remora_proto::model::{Config, Endpoint, HttpRoute, Service};
+use remora_proto::validate::{normalize, qualify};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::sync::watch;
+use tonic::Status;
+use tracing::{info, warn};
+
+/// Scope of proxies that get the whole mesh.
+const ALL: &str = "*";
+
+pub struct Mesh<S> {
+    store: S,
+    /// Serializes commits (apply, delete, rollback).
+    write: tokio::sync::Mutex<()>,
+    state: Mutex<State>,
+    /// How long a registered instance outlives its proxy's stream.
+    grace: Duration,
+}
+
+#[derive(Default)]
+struct State {
+    history: Vec<Revision>,
+    /// Registered instances by node id.
+    instances: BTreeMap<String, (String, Instance)>,
+    proxies: BTreeMap<String, Proxy>,
+    next_conn: u64,
+    scopes: HashMap<String, watch::Sender<Arc<Snapshot>>>,
+}
+
+struct Proxy {
+    status: ProxyStatus,
+    conn: u64,
+}
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+impl State {
+    fn current(&self) -> (u64, Config) {
+        self.history
+            .last()
+            .map(|r| (r.version, r.config.clone()))
+            .unwrap_or_default()
+    }
+
+    /// The config with registered instances joined to their Services, and
+    /// a fingerprint of those instances.
+    fn effective(&self) -> (Config, u64) {
+        let (_, mut cfg) = self.current();
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        for (service, inst) in self.instances.values() {
+            (service, &inst.address, inst.port).hash(&mut h);
+            let mut labels: Vec<_> = inst.labels.iter().collect();
+            labels.sort();
+            labels.hash(&mut h);
+            let target = cfg.services.iter_mut().find(|s| {
+                s.metadata
+                    .as_ref()
+                    .is_some_and(|m| format!("{}/{}", m.namespace, m.name) == *service)
+            });
+            if let Some(spec) = target.and_then(|s| s.spec.as_mut()) {
+                spec.endpoints.push(Endpoint {
+                    address: inst.address.clone(),
+                    port: inst.port,
+                    labels: inst.labels.clone(),
+                });
+            }
+        }
+        (cfg, h.finish())
+    }
+
+    fn scope_of(&self, service: &str) -> String {
+        let (_, cfg) = self.current();
+        let calls = cfg.services.iter().any(|s| {
+            s.metadata
+                .as_ref()
+                .is_some_and(|m| format!("{}/{}", m.namespace, m.name) == service)
+                && s.spec.as_ref().is_some_and(|sp| !sp.calls.is_empty())
+        });
+        if calls {
+            service.to_string()
+        } else {
+            ALL.to_string()
+        }
+    }
+
+    /// Recomputes every scope's snapshot and publishes the ones that
+    /// changed. Each is encoded once, whatever the number of subscribers.
+    fn publish(&mut self) {
+        let (version, _) = self.current();
+        let (cfg, fp) = self.effective();
+        let snapshot_version = format!("{version}.{:08x}", fp as u32);
+        for (scope, tx) in &self.scopes {
+            if tx.borrow().version == snapshot_version {
+                continue;
+            }
+            let scoped = if scope == ALL {
+                cfg.clone()
+            } else {
+                scope_config(&cfg, scope)
+            };
+            tx.send_replace(Arc::new(Snapshot {
+                version: snapshot_version.clone(),
+                config_version: version,
+                config: Bytes::from(scoped.encode_to_vec()),
+            }));
+        }
+    }
+
+    fn scope(&mut self, scope: &str) -> watch::Receiver<Arc<Snapshot>> {
+        if let Some(tx) = self.scopes.get(scope) {
+            return tx.subscribe();
+        }
+        let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
+        self.scopes.insert(scope.to_string(), tx);
+        self.publish();
+        rx
+    }
+}
+
+/// What a proxy of `service` needs: the Services it calls, the routes
+/// attached to them (their parentRefs cut to those), and every Service
+/// those routes send to.
+pub fn scope_config(cfg: &Config, service: &str) -> Config {
+    let id = |m: Option<&remora_proto::model::Metadata>| {
+        m.map(|m| format!("{}/{}", m.namespace, m.name))
+            .unwrap_or_default()
+    };
+    let me = cfg
+        .services
+        .iter()
+        .find(|s| id(s.metadata.as_ref()) == service);
+    let ns = service.split('/').next().unwrap_or("");
+    let called: BTreeSet<String> = me
+        .and_then(|s| s.spec.as_ref())
+        .map(|sp| sp.calls.iter().map(|c| qualify(ns, c)).collect())
+        .unwrap_or_default();
+    let mut needed = called.clone();
+    let mut routes: Vec<HttpRoute> = Vec::new();
+    for r in &cfg.http_routes {
+        let mut r = r.clone();
+        let Some(spec) = r.spec.as_mut() else {
+            continue;
+        };
+        spec.parent_refs
+            .retain(|p| called.contains(&format!("{}/{}", p.namespace, p.name)));
+        if spec.parent_refs.is_empty() {
+            continue;
+        }
+        for rule in &spec.rules {
+            for b in &rule.backend_refs {
+                needed.insert(format!("{}/{}", b.namespace, b.name));
+            }
+            for f in &rule.filters {
+                if let Some(b) = f
+                    .request_mirror
+                    .as_ref()
+                    .and_then(|m| m.backend_ref.as_ref())
+                {
+                    needed.insert(format!("{}/{}", b.namespace, b.name));
+                }
+            }
+        }
+        routes.push(r);
+    }
+    let services: Vec<Service> = cfg
+        .services
+        .iter()
+        .filter(|s| needed.contains(&id(s.metadata.as_ref())))
+        .map(|s| {
+            // `calls` names Services this proxy may not have; it is the
+            // caller's business, not the callee's.
+            let mut s = s.clone();
+            if let Some(sp) = s.spec.as_mut() {
+                sp.calls.clear();
+            }
+            s
+        })
+        .collect();
+    Config {
+        services,
+        http_routes: routes,
+    }
+}
+
+fn invalid(e: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+fn store_err(e: StoreError) -> Status {
+    Status::unavailable(format!("store: {e}"))
+}
+
+impl<S: Store> Mesh<S> {
+    /// Loads the history from the store.
+    pub async fn open(store: S, grace: Duration) -> Result<Arc<Mesh<S>>, StoreError> {
+        let history = store.load().await?;
+        if let Some(last) = history.last() {
+            info!(
+                version = last.version,
+                revisions = history.len(),
+                "history loaded"
+            );
+        }
+        Ok(Arc::new(Mesh {
+            store,
+            write: tokio::sync::Mutex::new(()),
+            state: Mutex::new(State {
+                history,
+                ..Default::default()
+            }),
+            grace,
+        }))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn current(&self) -> (u64, Config) {
+        self.lock().current()
+    }
+
+    // ---------------------------------------------------------- discovery
+
+    /// A proxy connected: records it, registers its instance, and returns
+    /// its scope's snapshots and a connection id.
+    pub fn connect(
+        &self,
+        node: &str,
+        service: &str,
+        instance: Option<Instance>,
+    ) -> (watch::Receiver<Arc<Snapshot>>, u64) {
+        let mut st = self.lock();
+        st.next_conn += 1;
+        let conn = st.next_conn;
+        let inst = instance
+            .as_ref()
+            .map(|i| format!("{}:{}", i.address, i.port))
+            .unwrap_or_default();
+        let prev = st.proxies.remove(node);
+        let mut status = prev.map(|p| p.status).unwrap_or_default();
+        status.node_id = node.to_string();
+        status.service = service.to_string();
+        status.connected = true;
+        status.connected_since_unix = now_unix();
+        status.instance = inst;
+        st.proxies.insert(node.to_string(), Proxy { status, conn });
+        match instance {
+            Some(i) if !service.is_empty() => {
+                st.instances
+                    .insert(node.to_string(), (service.to_string(), i));
+            }
+            _ => {
+                st.instances.remove(node);
+            }
+        }
+        let scope = st.scope_of(service);
+        let rx = st.scope(&scope);
+        st.publish();
+        (rx, conn)
+    }
+
+    pub fn sent(&self, node: &str, version: &str) {
+        if let Some(p) = self.lock().proxies.get_mut(node) {
+            p.status.sent_version = version.to_string();
+        }
+    }
+
+    pub fn ack(&self, node: &str, version: &str, error: &str) {
+        let mut st = self.lock();
+        let Some(p) = st.proxies.get_mut(node) else {
+            return;
+        };
+        if error.is_empty() {
+            p.status.acked_version = version.to_string();
+            p.status.nacked_version.clear();
+            p.status.nack_error.clear();
+        } else {
+            warn!(node, version, error, "proxy rejected a snapshot (NACK)");
+            p.status.nacked_version = version.to_string();
+            p.status.nack_error = error.to_string();
+        }
+    }
+
+    /// The proxy says its instance is going away.
+    pub fn deregister(&self, node: &str) {
+        let mut st = self.lock();
+        if st.instances.remove(node).is_some() {
+            info!(node, "instance deregistered");
+            st.publish();
+        }
+    }
+
+    /// The proxy's stream ended. Its instance stays registered for the grace
+    /// period (a restart or a network blip should not drop its endpoint),
+    /// then goes unless the proxy came back.
+    pub fn disconnected(self: &Arc<Self>, node: &str, conn: u64) {
+        {
+            let mut st = self.lock();
+            match st.proxies.get_mut(node) {
+                Some(p) if p.conn == conn => p.status.connected = false,
+                _ => return,
+            }
+        }
+        let (mesh, node) = (self.clone(), node.to_string());
+        tokio::spawn(async move {
+            tokio::time::sleep(mesh.grace).await;
+            let mut st = mesh.lock();
+            let gone = st
+                .proxies
+                .get(&node)
+                .is_some_and(|p| p.conn == conn && !p.status.connected);
+            if gone && st.instances.remove(&node).is_some() {
+                info!(
+                    node,
+                    "instance expired after its stream was gone for the grace period"
+                );
+                st.publish();
+            }
+        });
+    }
+
+    // ---------------------------------------------------------- admin
+
+    async fn commit(
+        &self,
+        next: Config,
+        author: &str,
+        summary: String,
+    ) -> Result<ChangeResponse, Status> {
+        let version = self.lock().current().0 + 1;
+        let rev = Revision {
+            version,
+            unix_time: now_unix(),
+            author: if author.is_empty() {
+                "unknown".into()
+            } else {
+                author.to_string()
+            },
+            summary: summary.clone(),
+            config: next,
+        };
+        self.store.commit(&rev).await.map_err(store_err)?;
+        info!(version, author = %rev.author, summary, "config committed");
+        let mut st = self.lock();
+        st.history.push(rev);
+        st.publish();
+        Ok(ChangeResponse {
+            version,
+            changed: true,
+            summary,
+        })
+    }
+
+    /// Validates `next` and commits it if it differs from the running
+    /// config. All or nothing.
+    async fn change(&self, next: Config, author: &str) -> Result<ChangeResponse, Status> {
+        let next = remora_proto::prepare(next).map_err(invalid)?;
+        let next = resources::join(resources::split(&next));
+        let (version, current) = self.current();
+        let changes = resources::diff(&current, &next);
+        if changes.iter().all(|c| c.action == "unchanged") {
+            return Ok(ChangeResponse {
+                version,
+                changed: false,
+                summary: "no changes".into(),
+            });
+        }
+        self.commit(next, author, resources::summary(&changes))
+            .await
+    }
+
+    pub async fn apply(&self, mut add: Config, author: &str) -> Result<ChangeResponse, Status> {
+        let _w = self.write.lock().await;
+        normalize(&mut add);
+        let (_, current) = self.current();
+        self.change(resources::upsert(&current, &add), author).await
+    }
+
+    pub fn diff(&self, mut add: Config) -> Result<Vec<ResourceChange>, Status> {
+        normalize(&mut add);
+        let (_, current) = self.current();
+        let next = remora_proto::prepare(resources::upsert(&current, &add)).map_err(invalid)?;
+        Ok(
+            resources::diff(&current, &resources::join(resources::split(&next)))
+                .into_iter()
+                .map(|c| ResourceChange {
+                    kind: c.key.0.to_string(),
+                    namespace: c.key.1.clone(),
+                    name: c.key.2.clone(),
+                    action: c.action.to_string(),
+                    before: c.before.map(|r| r.yaml()).unwrap_or_default(),
+                    after: c.after.map(|r| r.yaml()).unwrap_or_default(),
+                })
+                .collect(),
+        )
+    }
+
+    pub async fn delete(
+        &self,
+        kind: &str,
+        ns: &str,
+        name: &str,
+        author: &str,
+    ) -> Result<ChangeResponse, Status> {
+        let kind = resources::kind_name(kind)
+            .ok_or_else(|| invalid(format!("unknown kind {kind:?} (Service or HTTPRoute)")))?;
+        let ns = if ns.is_empty() {
+            remora_proto::DEFAULT_NAMESPACE
+        } else {
+            ns
+        };
+        let _w = self.write.lock().await;
+        let (_, current) = self.current();
+        let mut set = resources::split(&current);
+        let key = (kind, ns.to_string(), name.to_string());
+        if set.remove(&key).is_none() {
+            return Err(Status::not_found(format!(
+                "{} not found",
+                resources::describe(&key)
+            )));
+        }
+        self.change(resources::join(set), author).await
+    }
+
+    pub fn get(&self, kind: &str, ns: &str, name: &str) -> Result<(u64, Config), Status> {
+        let kind = match kind {
+            "" => None,
+            k => Some(
+                resources::kind_name(k)
+                    .ok_or_else(|| invalid(format!("unknown kind {k:?} (Service or HTTPRoute)")))?,
+            ),
+        };
+        let (version, current) = self.current();
+        let set: BTreeMap<_, _> = resources::split(&current)
+            .into_iter()
+            .filter(|(k, _)| {
+                kind.is_none_or(|x| k.0 == x)
+                    && (ns.is_empty() || k.1 == ns)
+                    && (name.is_empty() || k.2 == name)
+            })
+            .collect();
+        if set.is_empty() && !name.is_empty() {
+            let what = format!(
+                "{} {}/{}",
+                kind.unwrap_or("resource"),
+                if ns.is_empty() { "*" } else { ns },
+                name
+            );
+            return Err(Status::not_found(format!("{what} not found")));
+        }
+        Ok((version, resources::join(set)))
+    }
+
+    pub fn history(&self) -> Vec<Revision> {
+        self.lock()
+            .history
+            .iter()
+            .map(|r| Revision {
+                config: Config::default(),
+                ..r.clone()
+            })
+            .collect()
+    }
+
+    pub async fn rollback(&self, version: u64, author: &str) -> Result<ChangeResponse, Status> {
+        let _w = self.write.lock().await;
+        let target = self
+            .lock()
+            .history
+            .iter()
+            .find(|r| r.version == version)
+            .map(|r| r.config.clone())
+            .ok_or_else(|| Status::not_found(format!("version {version} not found")))?;
+        let (_, current) = self.current();
+        let changes = resources::diff(&current, &target);
+        if changes.iter().all(|c| c.action == "unchanged") {
+            return Ok(ChangeResponse {
+                version: self.current().0,
+                changed: false,
+                summary: "no changes".into(),
+            });
+        }
+        let summary = format!(
+            "rollback to version {version}: {}",
+            resources::summary(&changes)
+        );
+        self.commit(target, author, summary).await
+    }
+
+    pub fn status(&self) -> (u64, String, Vec<ProxyStatus>) {
+        let st = self.lock();
+        let version = st.current().0;
+        let (_, fp) = st.effective();
+        let snapshot = format!("{version}.{:08x}", fp as u32);
+        (
+            version,
+            snapshot,
+            st.proxies.values().map(|p| p.status.clone()).collect(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(yaml: &str) -> Config {
+        remora_proto::prepare(remora_proto::parse_yaml(yaml, "t").unwrap()).unwrap()
+    }
+
+    #[test]
+    fn scope_keeps_only_what_a_service_calls() {
+        let c = cfg(r#"
+kind: Service
+metadata: {name: front}
+spec: {ports: [{port: 80}], calls: [cart]}
+---
+kind: Service
+metadata: {name: cart}
+spec: {ports: [{port: 80}]}
+---
+kind: Service
+metadata: {name: cart-v2}
+spec: {ports: [{port: 80}]}
+---
+kind: Service
+metadata: {name: billing}
+spec: {ports: [{port: 80}]}
+---
+kind: HTTPRoute
+metadata: {name: cart}
+spec:
+  parentRefs: [{name: cart}, {name: billing}]
+  rules: [{backendRefs: [{name: cart-v2}]}]
+---
+kind: HTTPRoute
+metadata: {name: billing}
+spec:
+  parentRefs: [{name: billing}]
+  rules: [{backendRefs: [{name: billing}]}]
+"#);
+        let s = scope_config(&c, "default/front");
+        let names: Vec<_> = s
+            .services
+            .iter()
+            .map(|s| s.metadata.as_ref().unwrap().name.clone())
+            .collect();
+        assert_eq!(names, ["cart", "cart-v2"]);
+        assert_eq!(s.http_routes.len(), 1);
+        assert_eq!(s.http_routes[0].spec.as_ref().unwrap().parent_refs.len(), 1);
+        // What the proxy receives is itself a valid config.
+        remora_proto::prepare(s).unwrap();
+    }
+}
