@@ -47,9 +47,12 @@ impl<S: Store> Discovery for DiscoveryService<S> {
         }
         let node = hello.node_id.clone();
         info!(node, service = %hello.service, last_version = %hello.last_version, "proxy connected");
-        let (rx, conn) = self
-            .mesh
-            .connect(&node, &hello.service, hello.instance.clone());
+        let (rx, conn) = self.mesh.connect(
+            &node,
+            &hello.service,
+            &hello.last_version,
+            hello.instance.clone(),
+        );
 
         // Acks, NACKs and deregistration arrive on the request stream.
         let (mesh, n) = (self.mesh.clone(), node.clone());

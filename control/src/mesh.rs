@@ -252,6 +252,7 @@ impl<S: Store> Mesh<S> {
         &self,
         node: &str,
         service: &str,
+        last_version: &str,
         instance: Option<Instance>,
     ) -> (watch::Receiver<Arc<Snapshot>>, u64) {
         let mut st = self.lock();
@@ -268,6 +269,11 @@ impl<S: Store> Mesh<S> {
         status.connected = true;
         status.connected_since_unix = now_unix();
         status.instance = inst;
+        if !last_version.is_empty() {
+            // It runs this version already (kept on disk, or from before a
+            // control-plane restart): as good as an ACK.
+            status.acked_version = last_version.to_string();
+        }
         st.proxies.insert(node.to_string(), Proxy { status, conn });
         match instance {
             Some(i) if !service.is_empty() => {

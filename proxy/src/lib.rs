@@ -6,6 +6,7 @@ pub mod admin;
 pub mod balance;
 pub mod body;
 pub mod cluster;
+pub mod discovery;
 pub mod error;
 pub mod metrics;
 pub mod pool;

@@ -7,6 +7,7 @@ use arc_swap::ArcSwap;
 use clap::Parser;
 use remora_proxy::balance::OutlierConfig;
 use remora_proxy::cluster::Protocol;
+use remora_proxy::discovery::DiscoveryConfig;
 use remora_proxy::metrics::Metrics;
 use remora_proxy::pool::PoolConfig;
 use remora_proxy::proxy::{Direction, Inbound, Proxy};
@@ -43,8 +44,36 @@ fn listen_addr(s: &str) -> Result<Listen, String> {
 #[command(name = "remora-proxy", version, about = "Remora sidecar proxy")]
 struct Args {
     /// Config file, or directory of *.yaml files, watched for changes.
-    #[arg(long, env = "REMORA_CONFIG")]
+    #[arg(long, env = "REMORA_CONFIG", conflicts_with = "control_plane")]
     config: Option<PathBuf>,
+    /// Control plane URL (e.g. http://remora-control:4200): config streams
+    /// from it instead of a file.
+    #[arg(long, env = "REMORA_CONTROL_PLANE")]
+    control_plane: Option<String>,
+    /// The Service this proxy fronts ("name" or "namespace/name"); its
+    /// instance registers under it with the control plane.
+    #[arg(long, env = "REMORA_SERVICE")]
+    service: Option<String>,
+    /// This proxy's id at the control plane (defaults to the host name).
+    #[arg(long, env = "REMORA_NODE_ID")]
+    node_id: Option<String>,
+    /// The address other proxies reach this instance at (defaults to the
+    /// inbound address, or $POD_IP with the inbound port).
+    #[arg(long, env = "REMORA_ADVERTISE_ADDR")]
+    advertise_addr: Option<SocketAddr>,
+    /// Labels of this instance (key=value, comma-separated), e.g. version=v2.
+    #[arg(long = "label", env = "REMORA_LABELS", value_delimiter = ',')]
+    labels: Vec<String>,
+    /// Where the last-known-good snapshot from the control plane is kept
+    /// (defaults to <tmp>/remora/<node id>).
+    #[arg(long, env = "REMORA_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Longest wait between control-plane reconnects.
+    #[arg(long, env = "REMORA_CONTROL_PLANE_MAX_BACKOFF", default_value = "10s", value_parser = duration)]
+    control_plane_max_backoff: Duration,
+    /// Most route rules a config may hold; a bigger one is rejected (NACK).
+    #[arg(long, env = "REMORA_MAX_ROUTE_RULES", default_value_t = 100_000)]
+    max_route_rules: usize,
     /// How often the config path is checked for changes (SIGHUP checks at once).
     #[arg(long, env = "REMORA_CONFIG_POLL_INTERVAL", default_value = "1s", value_parser = duration)]
     config_poll_interval: Duration,
@@ -191,6 +220,7 @@ fn run(args: Args) -> Result<()> {
             min_per_sec: args.retry_budget_min_per_second,
             window: args.retry_budget_interval,
         },
+        max_route_rules: args.max_route_rules,
     };
     let limits = ServerLimits {
         max_connections: args.max_connections,
@@ -258,7 +288,22 @@ fn run(args: Args) -> Result<()> {
             .map_err(anyhow::Error::msg)?;
         fingerprint = Some(fp);
     }
-    let ready = Arc::new(AtomicBool::new(true));
+    // With a control plane, ready means a config is running: from disk at
+    // once if one was kept, else when the first snapshot is applied.
+    let discovery = args
+        .control_plane
+        .clone()
+        .map(|url| discovery_config(&args, url))
+        .transpose()?;
+    let mut last_version = String::new();
+    if let Some(d) = &discovery {
+        if let Some(v) = d.boot_from_disk(&proxy, &settings) {
+            last_version = v;
+        }
+    }
+    let ready = Arc::new(AtomicBool::new(
+        discovery.is_none() || !last_version.is_empty(),
+    ));
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let shutdown_tx = Arc::new(shutdown_tx);
@@ -299,6 +344,17 @@ fn run(args: Args) -> Result<()> {
                 listeners.spawn(serve_http(l, "inbound", Direction::Inbound, proxy.clone(), limits.clone(), life.clone()));
             }
         }
+        let mut discovery_task = None;
+        if let Some(d) = discovery {
+            discovery_task = Some(tokio::spawn(remora_proxy::discovery::run(
+                d,
+                proxy.clone(),
+                settings.clone(),
+                ready.clone(),
+                shutdown_rx.clone(),
+                last_version,
+            )));
+        }
         if let Some(path) = args.config.clone() {
             tokio::spawn(source::watch_file(path, args.config_poll_interval, proxy.clone(), settings, ready, fingerprint));
         }
@@ -306,12 +362,74 @@ fn run(args: Args) -> Result<()> {
         wait_for_signal(&shutdown_tx).await;
         info!(drain_timeout = ?args.drain_timeout, "draining: no new connections, in-flight requests finish");
         while listeners.join_next().await.is_some() {}
+        // Deregistering from the control plane runs alongside the drain;
+        // let it finish (it is bounded) so other proxies stop sending here.
+        if let Some(t) = discovery_task {
+            let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+        }
         life.tracker.close();
         if tokio::time::timeout(args.drain_timeout, life.tracker.wait()).await.is_err() {
             warn!(open = life.tracker.len(), "drain timeout: closing remaining connections");
         }
         info!("stopped");
         Ok::<_, anyhow::Error>(())
+    })
+}
+
+fn discovery_config(args: &Args, url: String) -> Result<DiscoveryConfig> {
+    let node_id = args
+        .node_id
+        .clone()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+        })
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| format!("proxy-{}", std::process::id()));
+    let service = match &args.service {
+        Some(s) if s.contains('/') => s.clone(),
+        Some(s) => format!("{}/{s}", args.namespace),
+        None => String::new(),
+    };
+    let advertise = args.advertise_addr.or_else(|| {
+        let inbound = args.inbound_addr.0?;
+        if !inbound.ip().is_unspecified() {
+            return Some(inbound);
+        }
+        let ip = std::env::var("POD_IP").ok()?.parse().ok()?;
+        Some(SocketAddr::new(ip, inbound.port()))
+    });
+    let mut labels = std::collections::HashMap::new();
+    for l in &args.labels {
+        let Some((k, v)) = l.split_once('=') else {
+            bail!("--label {l:?}: expected key=value");
+        };
+        labels.insert(k.trim().to_string(), v.trim().to_string());
+    }
+    if !service.is_empty() && advertise.is_none() {
+        warn!("--service is set but there is no address to advertise (--advertise-addr or $POD_IP): this instance will not register");
+    }
+    let instance =
+        advertise
+            .filter(|_| !service.is_empty())
+            .map(|a| remora_proto::control::Instance {
+                address: a.ip().to_string(),
+                port: a.port() as u32,
+                labels,
+            });
+    let state_dir = args
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join("remora").join(&node_id));
+    Ok(DiscoveryConfig {
+        url,
+        node_id,
+        service,
+        instance,
+        state_dir: Some(state_dir),
+        max_backoff: args.control_plane_max_backoff,
     })
 }
 

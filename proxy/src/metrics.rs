@@ -78,6 +78,7 @@ pub struct Metrics {
     pub connections_active: Family<ListenerLabels, Gauge>,
     pub connections_total: Family<ListenerLabels, Counter>,
     pub tcp_bytes: Family<ListenerLabels, Counter>,
+    pub control_plane_connected: Gauge,
 }
 
 impl Metrics {
@@ -156,6 +157,12 @@ impl Metrics {
             "Bytes forwarded on opaque TCP connections",
             tcp_bytes.clone(),
         );
+        let control_plane_connected = Gauge::default();
+        registry.register(
+            "control_plane_connected",
+            "1 while the Discovery stream to the control plane is up",
+            control_plane_connected.clone(),
+        );
         Arc::new(Metrics {
             registry,
             requests,
@@ -170,6 +177,7 @@ impl Metrics {
             connections_active,
             connections_total,
             tcp_bytes,
+            control_plane_connected,
         })
     }
 

@@ -28,6 +28,8 @@ pub struct Settings {
     /// The namespace this proxy runs in: short Service names resolve here.
     pub namespace: String,
     pub default_budget: BudgetParams,
+    /// Most route rules a config may have (a memory bound).
+    pub max_route_rules: usize,
 }
 
 pub struct Runtime {
@@ -441,6 +443,7 @@ mod tests {
                 min_per_sec: 10,
                 window: Duration::from_secs(10),
             },
+            max_route_rules: 100_000,
         }
     }
 

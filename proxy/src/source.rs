@@ -21,8 +21,21 @@ pub fn apply(
     version: String,
 ) -> Result<(), String> {
     let t0 = Instant::now();
-    let result = remora_proto::prepare(cfg)
-        .map_err(|e| e.to_string())
+    let rules: usize = cfg
+        .http_routes
+        .iter()
+        .map(|r| r.spec.as_ref().map_or(0, |s| s.rules.len()))
+        .sum();
+    let result = if rules > settings.max_route_rules {
+        Err(format!(
+            "config has {rules} route rules; this proxy allows at most {} (--max-route-rules)",
+            settings.max_route_rules
+        ))
+    } else {
+        Ok(cfg)
+    };
+    let result = result
+        .and_then(|cfg| remora_proto::prepare(cfg).map_err(|e| e.to_string()))
         .and_then(|cfg| {
             compile(
                 cfg,

@@ -2,6 +2,7 @@
 //! remora-proxy binary, and small HTTP clients. No mocks, no sleeps for
 //! synchronisation: everything waits for a condition with a deadline.
 
+pub mod control;
 pub mod upstream;
 
 use bytes::Bytes;

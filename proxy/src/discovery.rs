@@ -1,0 +1,202 @@
+//! The control plane as a config source. One long-lived Discovery stream:
+//! Hello (node, service, last version, this instance's endpoint), then a
+//! snapshot whenever the mesh changes, each validated, compiled and swapped
+//! by the same `source::apply` as a file, and answered with an ACK or a NACK.
+//!
+//! Static stability: the proxy never stops serving while disconnected. It
+//! reconnects with exponential backoff and jitter, and keeps the last
+//! snapshot it applied on disk, so a proxy restarted during a control-plane
+//! outage boots from it.
+
+use crate::proxy::Proxy;
+use crate::runtime::Settings;
+use crate::source;
+use prost::Message;
+use remora_proto::control::discovery_client::DiscoveryClient;
+use remora_proto::control::discovery_request::Kind;
+use remora_proto::control::{Ack, Deregister, DiscoveryRequest, Hello, Instance, Snapshot};
+use remora_proto::model::Config;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+pub struct DiscoveryConfig {
+    pub url: String,
+    pub node_id: String,
+    /// `namespace/name` of the Service this proxy fronts, or empty.
+    pub service: String,
+    pub instance: Option<Instance>,
+    /// Where the last-known-good snapshot is kept.
+    pub state_dir: Option<PathBuf>,
+    pub max_backoff: Duration,
+}
+
+const LKG_FILE: &str = "last-known-good.pb";
+const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+impl DiscoveryConfig {
+    fn lkg_path(&self) -> Option<PathBuf> {
+        self.state_dir.as_ref().map(|d| d.join(LKG_FILE))
+    }
+
+    /// Applies the snapshot kept on disk, if there is a good one. Returns
+    /// its version.
+    pub fn boot_from_disk(&self, proxy: &Proxy, settings: &Settings) -> Option<String> {
+        let path = self.lkg_path()?;
+        let bytes = std::fs::read(&path).ok()?;
+        let snap = match Snapshot::decode(bytes.as_slice()) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "last-known-good snapshot unreadable; ignoring it");
+                return None;
+            }
+        };
+        let cfg = Config::decode(snap.config).ok()?;
+        match source::apply(proxy, settings, cfg, snap.version.clone()) {
+            Ok(()) => {
+                info!(version = %snap.version, path = %path.display(), "booted from the last-known-good snapshot");
+                Some(snap.version)
+            }
+            Err(_) => None,
+        }
+    }
+
+    fn save(&self, snap: &Snapshot) {
+        let Some(path) = self.lkg_path() else { return };
+        let write = || -> std::io::Result<()> {
+            let dir = path.parent().unwrap_or(std::path::Path::new("."));
+            std::fs::create_dir_all(dir)?;
+            let tmp = dir.join(format!(".{LKG_FILE}.tmp"));
+            std::fs::write(&tmp, snap.encode_to_vec())?;
+            std::fs::File::open(&tmp)?.sync_all()?;
+            std::fs::rename(&tmp, &path)
+        };
+        if let Err(e) = write() {
+            warn!(path = %path.display(), error = %e, "could not save the last-known-good snapshot");
+        }
+    }
+}
+
+/// Runs until shutdown: connect, stream, reconnect.
+pub async fn run(
+    cfg: DiscoveryConfig,
+    proxy: Arc<Proxy>,
+    settings: Settings,
+    ready: Arc<AtomicBool>,
+    mut shutdown: watch::Receiver<bool>,
+    mut last_version: String,
+) {
+    let connected = proxy.metrics.control_plane_connected.clone();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let mut got_snapshot = false;
+        let result = session(
+            &cfg,
+            &proxy,
+            &settings,
+            &ready,
+            &mut shutdown,
+            &mut last_version,
+            &mut got_snapshot,
+        )
+        .await;
+        connected.set(0);
+        if *shutdown.borrow() {
+            return;
+        }
+        let running = proxy.runtime.load().version.clone();
+        match result {
+            Ok(()) => {
+                warn!(running_version = %running, "control plane closed the stream; reconnecting")
+            }
+            Err(e) => warn!(url = %cfg.url, error = %e, running_version = %running,
+                "control plane unreachable; serving the running config"),
+        }
+        if got_snapshot {
+            backoff = Duration::from_millis(100);
+        }
+        // Full jitter over an exponentially growing window.
+        let wait = backoff.mul_f64(0.5 + fastrand::f64() / 2.0);
+        backoff = (backoff * 2).min(cfg.max_backoff);
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+async fn session(
+    cfg: &DiscoveryConfig,
+    proxy: &Proxy,
+    settings: &Settings,
+    ready: &AtomicBool,
+    shutdown: &mut watch::Receiver<bool>,
+    last_version: &mut String,
+    got_snapshot: &mut bool,
+) -> Result<(), BoxError> {
+    let channel = tonic::transport::Endpoint::from_shared(cfg.url.clone())?
+        .connect_timeout(Duration::from_secs(3))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .connect()
+        .await?;
+    let mut client = DiscoveryClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let (tx, rx) = mpsc::channel(16);
+    let hello = Hello {
+        node_id: cfg.node_id.clone(),
+        service: cfg.service.clone(),
+        last_version: last_version.clone(),
+        instance: cfg.instance.clone(),
+    };
+    tx.send(request(Kind::Hello(hello))).await?;
+    let mut stream = client
+        .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    proxy.metrics.control_plane_connected.set(1);
+    info!(url = %cfg.url, node = %cfg.node_id, "connected to the control plane");
+    loop {
+        tokio::select! {
+            msg = stream.message() => {
+                let Some(snap) = msg? else { return Ok(()) };
+                *got_snapshot = true;
+                let version = snap.version.clone();
+                let result = Config::decode(snap.config.clone())
+                    .map_err(|e| format!("snapshot does not decode: {e}"))
+                    .and_then(|c| source::apply(proxy, settings, c, version.clone()));
+                let error = match result {
+                    Ok(()) => {
+                        ready.store(true, Relaxed);
+                        cfg.save(&snap);
+                        *last_version = version.clone();
+                        String::new()
+                    }
+                    Err(e) => e,
+                };
+                tx.send(request(Kind::Ack(Ack { version, error }))).await?;
+            }
+            _ = shutdown.changed() => {
+                // Take this instance out of everyone's endpoints first, so
+                // traffic stops arriving while we drain.
+                let _ = tx.send(request(Kind::Deregister(Deregister {}))).await;
+                drop(tx);
+                let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                    while let Ok(Some(_)) = stream.message().await {}
+                })
+                .await;
+                info!("deregistered from the control plane");
+                return Ok(());
+            }
+        }
+    }
+}
+
+fn request(kind: Kind) -> DiscoveryRequest {
+    DiscoveryRequest { kind: Some(kind) }
+}

@@ -1,0 +1,112 @@
+//! Running the real remora-control binary in tests, and talking to it with
+//! the generated Admin client.
+
+use crate::{binary, free_addr, wait_until, TempDir};
+use remora_proto::control::admin_client::AdminClient;
+use remora_proto::control::*;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+pub struct ControlProcess {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub logs: Arc<Mutex<String>>,
+}
+
+impl ControlProcess {
+    /// Starts remora-control on `addr` with `data` as its data directory and
+    /// waits until it answers.
+    pub async fn start_on(addr: SocketAddr, data: &TempDir, grace: &str) -> ControlProcess {
+        let mut child = Command::new(binary("remora-control"))
+            .arg("--listen")
+            .arg(addr.to_string())
+            .arg("--data-dir")
+            .arg(data.path())
+            .arg("--registration-grace")
+            .arg(grace)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start remora-control");
+        let logs = Arc::new(Mutex::new(String::new()));
+        let (stderr, sink) = (child.stderr.take().unwrap(), logs.clone());
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if std::env::var_os("REMORA_TEST_ECHO").is_some() {
+                    eprintln!("[control] {line}");
+                }
+                let mut l = sink.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let cp = ControlProcess { child, addr, logs };
+        wait_until(
+            "control plane answers",
+            Duration::from_secs(20),
+            || async move {
+                match AdminClient::connect(format!("http://{addr}")).await {
+                    Ok(mut c) => c.status(StatusRequest {}).await.is_ok(),
+                    Err(_) => false,
+                }
+            },
+        )
+        .await;
+        cp
+    }
+
+    pub async fn start(data: &TempDir) -> ControlProcess {
+        Self::start_on(free_addr(), data, "2s").await
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn admin(&self) -> AdminClient<tonic::transport::Channel> {
+        AdminClient::connect(self.url())
+            .await
+            .expect("connect admin")
+    }
+
+    /// Applies YAML; returns the new version or the server's error text.
+    pub async fn apply(&self, yaml: &str) -> Result<u64, String> {
+        let cfg = remora_proto::parse_yaml(yaml, "test").map_err(|e| e.to_string())?;
+        self.admin()
+            .await
+            .apply(ApplyRequest {
+                resources: Some(cfg),
+                author: "test".into(),
+            })
+            .await
+            .map(|r| r.into_inner().version)
+            .map_err(|s| s.message().to_string())
+    }
+
+    pub async fn status(&self) -> StatusResponse {
+        self.admin()
+            .await
+            .status(StatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ControlProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -1,0 +1,462 @@
+//! The control plane end to end: the real remora-control binary, real
+//! proxies subscribed to it, real upstreams.
+
+use remora_proto::control::{HistoryRequest, RollbackRequest};
+use remora_tests::control::ControlProcess;
+use remora_tests::upstream::{Behavior, Upstream};
+use remora_tests::*;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Services blue and green, and `shop` routed to `backend`.
+fn mesh(blue: &Upstream, green: &Upstream, backend: &str) -> String {
+    format!(
+        "{}---\n{}---\n{}---\nkind: HTTPRoute\nmetadata: {{name: shop}}\nspec:\n  parentRefs: [{{name: shop}}]\n  rules:\n  - backendRefs: [{{name: {backend}}}]\n",
+        service_yaml("blue", 80, "http", &[blue.addr]),
+        service_yaml("green", 80, "http", &[green.addr]),
+        service_yaml("shop", 80, "http", &[blue.addr]),
+    )
+}
+
+async fn proxy(cp: &ControlProcess, node: &str, state: &TempDir, extra: &[&str]) -> ProxyProcess {
+    let mut b = ProxyBuilder::new()
+        .arg("--control-plane")
+        .arg(&cp.url())
+        .arg("--node-id")
+        .arg(node)
+        .arg("--state-dir")
+        .arg(&state.path().join(node).display().to_string())
+        .arg("--control-plane-max-backoff")
+        .arg("200ms");
+    for a in extra {
+        b = b.arg(a);
+    }
+    b.start().await
+}
+
+async fn served_by(p: &ProxyProcess) -> String {
+    match get_via(&http1_client(), p.outbound, "shop", "/").await {
+        Ok(r) => r.header("x-served-by").unwrap_or("").to_string(),
+        Err(e) => e,
+    }
+}
+
+async fn all_serve(proxies: &[ProxyProcess], who: &str) {
+    for p in proxies {
+        wait_until(
+            &format!("proxy serving {who}"),
+            Duration::from_secs(10),
+            || async move { served_by(p).await == who },
+        )
+        .await;
+    }
+}
+
+async fn all_acked(cp: &ControlProcess, n: usize) -> String {
+    wait_until(
+        "every proxy ACKed the current snapshot",
+        Duration::from_secs(10),
+        || async move {
+            let s = cp.status().await;
+            s.proxies.len() == n
+                && s.proxies.iter().all(|p| {
+                    p.connected && p.acked_version == s.snapshot_version && p.nack_error.is_empty()
+                })
+        },
+    )
+    .await;
+    cp.status().await.snapshot_version
+}
+
+#[tokio::test]
+async fn apply_reaches_every_proxy_and_status_shows_their_acks() {
+    let (blue, green) = (
+        Upstream::start("blue", Behavior::Demo).await,
+        Upstream::start("green", Behavior::Demo).await,
+    );
+    let (data, state) = (TempDir::new("cp-data"), TempDir::new("cp-state"));
+    let cp = ControlProcess::start(&data).await;
+    assert_eq!(cp.apply(&mesh(&blue, &green, "blue")).await.unwrap(), 1);
+    let mut proxies = Vec::new();
+    for i in 0..3 {
+        proxies.push(proxy(&cp, &format!("p{i}"), &state, &[]).await);
+    }
+    all_serve(&proxies, "blue").await;
+    let v1 = all_acked(&cp, 3).await;
+    assert!(v1.starts_with("1."), "{v1}");
+
+    assert_eq!(cp.apply(&mesh(&blue, &green, "green")).await.unwrap(), 2);
+    all_serve(&proxies, "green").await;
+    let v2 = all_acked(&cp, 3).await;
+    assert!(v2.starts_with("2."), "{v2}");
+    for p in &proxies {
+        assert_eq!(p.config_version().await, v2);
+    }
+}
+
+#[tokio::test]
+async fn invalid_apply_is_refused_with_the_field_path_and_changes_nothing() {
+    let (blue, green) = (
+        Upstream::start("blue", Behavior::Demo).await,
+        Upstream::start("green", Behavior::Demo).await,
+    );
+    let (data, state) = (TempDir::new("cp-data"), TempDir::new("cp-state"));
+    let cp = ControlProcess::start(&data).await;
+    cp.apply(&mesh(&blue, &green, "blue")).await.unwrap();
+    let p = proxy(&cp, "p0", &state, &[]).await;
+    let before = all_acked(&cp, 1).await;
+
+    let bad =
+        mesh(&blue, &green, "green").replace("{name: green}]", "{name: green, weight: 2000000}]");
+    let err = cp.apply(&bad).await.unwrap_err();
+    assert!(
+        err.contains(
+            "HTTPRoute default/shop: rules[0].backendRefs[0].weight: must be at most 1000000"
+        ),
+        "{err}"
+    );
+    let status = cp.status().await;
+    assert_eq!(status.config_version, 1, "no new version");
+    assert_eq!(status.snapshot_version, before);
+    assert_eq!(served_by(&p).await, "blue");
+}
+
+#[tokio::test]
+async fn a_proxy_that_cannot_apply_nacks_and_keeps_serving() {
+    let (blue, green) = (
+        Upstream::start("blue", Behavior::Demo).await,
+        Upstream::start("green", Behavior::Demo).await,
+    );
+    let (data, state) = (TempDir::new("cp-data"), TempDir::new("cp-state"));
+    let cp = ControlProcess::start(&data).await;
+    cp.apply(&mesh(&blue, &green, "blue")).await.unwrap();
+    let strict = proxy(&cp, "strict", &state, &["--max-route-rules", "1"]).await;
+    let normal = proxy(&cp, "normal", &state, &[]).await;
+    all_acked(&cp, 2).await;
+
+    // Two rules: fine for the control plane and the normal proxy, over the
+    // strict proxy's limit.
+    let two_rules = format!(
+        "{}  - matches: [{{path: {{type: PathPrefix, value: /green}}}}]\n    backendRefs: [{{name: green}}]\n",
+        mesh(&blue, &green, "blue")
+    )
+    .replace("  - backendRefs: [{name: blue}]\n  - matches", "  - matches");
+    let two_rules = two_rules.replace("  rules:\n", "  rules:\n  - backendRefs: [{name: green}]\n    matches: [{path: {type: Exact, value: /x}}]\n");
+    cp.apply(&two_rules).await.unwrap();
+    wait_until(
+        "the strict proxy's NACK and the normal proxy's ACK",
+        Duration::from_secs(10),
+        || async {
+            let s = cp.status().await;
+            s.proxies
+                .iter()
+                .any(|p| p.node_id == "strict" && !p.nack_error.is_empty())
+                && s.proxies
+                    .iter()
+                    .any(|p| p.node_id == "normal" && p.acked_version == s.snapshot_version)
+        },
+    )
+    .await;
+    let status = cp.status().await;
+    let s = status
+        .proxies
+        .iter()
+        .find(|p| p.node_id == "strict")
+        .unwrap();
+    assert!(
+        s.nack_error.contains("--max-route-rules"),
+        "{}",
+        s.nack_error
+    );
+    assert_eq!(s.nacked_version, status.snapshot_version);
+    assert_ne!(s.acked_version, status.snapshot_version);
+    let n = status
+        .proxies
+        .iter()
+        .find(|p| p.node_id == "normal")
+        .unwrap();
+    assert_eq!(n.acked_version, status.snapshot_version);
+    // The strict proxy still runs its previous config and serves.
+    assert_eq!(strict.config_version().await, s.acked_version);
+    let r = get_via(&http1_client(), strict.outbound, "shop", "/x")
+        .await
+        .unwrap();
+    assert_eq!(r.header("x-served-by"), Some("blue"));
+    let r = get_via(&http1_client(), normal.outbound, "shop", "/x")
+        .await
+        .unwrap();
+    assert_eq!(r.header("x-served-by"), Some("green"));
+}
+
+#[tokio::test]
+async fn control_plane_outage_drops_nothing_and_restart_keeps_versions_and_history() {
+    let (blue, green) = (
+        Upstream::start("blue", Behavior::Demo).await,
+        Upstream::start("green", Behavior::Demo).await,
+    );
+    let (data, state) = (TempDir::new("cp-data"), TempDir::new("cp-state"));
+    let mut cp = ControlProcess::start(&data).await;
+    cp.apply(&mesh(&blue, &green, "blue")).await.unwrap();
+    cp.apply(&mesh(&blue, &green, "green")).await.unwrap();
+    let proxies = vec![
+        proxy(&cp, "a", &state, &[]).await,
+        proxy(&cp, "b", &state, &[]).await,
+    ];
+    let version = all_acked(&cp, 2).await;
+    let history = cp
+        .admin()
+        .await
+        .history(HistoryRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut load = Vec::new();
+    for p in &proxies {
+        let (stop, o) = (stop.clone(), p.outbound);
+        load.push(tokio::spawn(async move {
+            let c = http1_client();
+            let (mut ok, mut bad) = (0, 0);
+            while !stop.load(Ordering::Relaxed) {
+                match get_via(&c, o, "shop", "/").await {
+                    Ok(r) if r.status == 200 && r.header("x-served-by") == Some("green") => ok += 1,
+                    _ => bad += 1,
+                }
+            }
+            (ok, bad)
+        }));
+    }
+    let addr = cp.addr;
+    cp.kill();
+    // Both proxies notice the outage...
+    for p in &proxies {
+        wait_until(
+            "proxy notices the outage",
+            Duration::from_secs(20),
+            || async move { p.metric("remora_control_plane_connected", &[]).await == 0.0 },
+        )
+        .await;
+    }
+    // ...and the control plane comes back with the same history.
+    let cp = ControlProcess::start_on(addr, &data, "2s").await;
+    let again = all_acked(&cp, 2).await;
+    stop.store(true, Ordering::Relaxed);
+    let (mut ok, mut bad) = (0, 0);
+    for l in load {
+        let (o, b) = l.await.unwrap();
+        ok += o;
+        bad += b;
+    }
+    assert_eq!(bad, 0, "{bad} requests failed during the outage ({ok} ok)");
+    assert!(ok > 50);
+    assert_eq!(again, version, "same version after the restart");
+    let after = cp
+        .admin()
+        .await
+        .history(HistoryRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert_eq!(after, history);
+}
+
+#[tokio::test]
+async fn a_proxy_restarted_during_an_outage_boots_from_its_last_known_good_copy() {
+    let (blue, green) = (
+        Upstream::start("blue", Behavior::Demo).await,
+        Upstream::start("green", Behavior::Demo).await,
+    );
+    let (data, state) = (TempDir::new("cp-data"), TempDir::new("cp-state"));
+    let mut cp = ControlProcess::start(&data).await;
+    cp.apply(&mesh(&blue, &green, "green")).await.unwrap();
+    let p = proxy(&cp, "lkg", &state, &[]).await;
+    let version = all_acked(&cp, 1).await;
+    let url = cp.url();
+    cp.kill();
+    drop(p);
+
+    // Control plane down; the proxy starts again with the same state dir.
+    let p = ProxyBuilder::new()
+        .arg("--control-plane")
+        .arg(&url)
+        .arg("--node-id")
+        .arg("lkg")
+        .arg("--state-dir")
+        .arg(&state.path().join("lkg").display().to_string())
+        .start()
+        .await;
+    assert_eq!(p.config_version().await, version);
+    assert_eq!(served_by(&p).await, "green");
+    assert!(p
+        .logs()
+        .contains("booted from the last-known-good snapshot"));
+}
+
+#[tokio::test]
+async fn without_a_kept_copy_a_proxy_is_not_ready_until_the_control_plane_answers() {
+    let state = TempDir::new("cp-state");
+    let dead = format!("http://{}", free_addr());
+    let p = ProxyBuilder::new()
+        .arg("--control-plane")
+        .arg(&dead)
+        .arg("--state-dir")
+        .arg(&state.path().display().to_string())
+        .spawn();
+    let admin = p.admin;
+    wait_until("admin answers", Duration::from_secs(20), || async move {
+        get_status(&format!("http://{admin}/live")).await == Some(200)
+    })
+    .await;
+    assert_eq!(
+        get_status(&format!("http://{admin}/ready")).await,
+        Some(503)
+    );
+}
+
+#[tokio::test]
+async fn rollback_restores_earlier_routes_on_every_proxy() {
+    let (blue, green) = (
+        Upstream::start("blue", Behavior::Demo).await,
+        Upstream::start("green", Behavior::Demo).await,
+    );
+    let (data, state) = (TempDir::new("cp-data"), TempDir::new("cp-state"));
+    let cp = ControlProcess::start(&data).await;
+    cp.apply(&mesh(&blue, &green, "blue")).await.unwrap();
+    cp.apply(&mesh(&blue, &green, "green")).await.unwrap();
+    let proxies = vec![
+        proxy(&cp, "a", &state, &[]).await,
+        proxy(&cp, "b", &state, &[]).await,
+    ];
+    all_serve(&proxies, "green").await;
+    let r = cp
+        .admin()
+        .await
+        .rollback(RollbackRequest {
+            version: 1,
+            author: "test".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.version, 3, "a rollback is a new version");
+    all_serve(&proxies, "blue").await;
+    let v = all_acked(&cp, 2).await;
+    assert!(v.starts_with("3."));
+    let history = cp
+        .admin()
+        .await
+        .history(HistoryRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert_eq!(history.len(), 3);
+    assert!(
+        history[2].summary.contains("rollback to version 1"),
+        "{}",
+        history[2].summary
+    );
+}
+
+#[tokio::test]
+async fn endpoint_churn_sends_requests_only_to_live_instances() {
+    let data = TempDir::new("cp-data");
+    let state = TempDir::new("cp-state");
+    let cp = ControlProcess::start(&data).await;
+    // `api` has no static endpoints: its instances register themselves.
+    cp.apply(
+        "kind: Service\nmetadata: {name: api}\nspec:\n  ports: [{port: 80}]\n---\n\
+         kind: Service\nmetadata: {name: web}\nspec:\n  ports: [{port: 80}]\n  calls: [api]\n---\n\
+         kind: HTTPRoute\nmetadata: {name: api}\nspec:\n  parentRefs: [{name: api}]\n  rules:\n  - retry: {attempts: 2, backoff: 5ms}\n",
+    )
+    .await
+    .unwrap();
+    let apps: Vec<Upstream> = futures_util_join(["api-1", "api-2", "api-3"]).await;
+    let instance = |i: usize| {
+        ProxyBuilder::new()
+            .app(apps[i].addr)
+            .arg("--control-plane")
+            .arg(&cp.url())
+            .arg("--node-id")
+            .arg(&format!("api-{}", i + 1))
+            .arg("--service")
+            .arg("api")
+            .arg("--state-dir")
+            .arg(&state.path().join(format!("api-{i}")).display().to_string())
+            .start()
+    };
+    let mut inst1 = Some(instance(0).await);
+    let _inst2 = instance(1).await;
+    let caller = proxy(&cp, "web-1", &state, &["--service", "web"]).await;
+    let c = http1_client();
+    let o = caller.outbound;
+    let served = |r: &Reply| r.header("x-served-by").unwrap_or("").to_string();
+
+    // Both registered instances take traffic.
+    wait_until("both instances serve", Duration::from_secs(10), || {
+        let c = c.clone();
+        let (a, b) = (&apps[0], &apps[1]);
+        async move {
+            let _ = get_via(&c, o, "api", "/").await;
+            a.hits() > 0 && b.hits() > 0
+        }
+    })
+    .await;
+
+    // A third comes; the first goes (SIGTERM: it deregisters, then drains).
+    let _inst3 = instance(2).await;
+    wait_until("the new instance serves", Duration::from_secs(10), || {
+        let c = c.clone();
+        let a = &apps[2];
+        async move {
+            let _ = get_via(&c, o, "api", "/").await;
+            a.hits() > 0
+        }
+    })
+    .await;
+    let gone = inst1.take().unwrap();
+    gone.terminate();
+    let (g, cp) = (&gone, &cp);
+    wait_until(
+        "the stopped instance is out of the caller's endpoints",
+        Duration::from_secs(10),
+        || async move {
+            let s = cp.status().await;
+            !s.proxies
+                .iter()
+                .any(|p| p.node_id == "api-1" && p.connected)
+                && g.logs().contains("deregistered")
+        },
+    )
+    .await;
+    let hits_after_stop = apps[0].hits();
+    for _ in 0..100 {
+        let r = get_via(&c, o, "api", "/").await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert!(
+            ["api-2", "api-3"].contains(&served(&r).as_str()),
+            "served by {}",
+            served(&r)
+        );
+    }
+    assert_eq!(
+        apps[0].hits(),
+        hits_after_stop,
+        "nothing reached the stopped instance"
+    );
+    // The caller's scope: only what `web` calls.
+    let cfg = get_text(&format!("http://{}/config", caller.admin)).await;
+    assert!(cfg.contains("\"api\"") && !cfg.contains("\"web\""), "{cfg}");
+}
+
+async fn futures_util_join<const N: usize>(names: [&str; N]) -> Vec<Upstream> {
+    let mut v = Vec::new();
+    for n in names {
+        v.push(Upstream::start(n, Behavior::Demo).await);
+    }
+    v
+}
