@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
-# Quickstart: two demo upstreams (web-v1, web-v2) behind remora-proxy on
-# examples/mesh.yaml. Sends traffic through the proxy, shows the 80/20 split,
-# shifts all traffic to v2 by editing the config (hot swap, no restart), and
-# prints a few metrics. Ports: 4140 outbound, 4191 admin, 19081/19082 demo.
+# Quickstart: a whole local mesh on the embedded store.
+#
+#   remora-control (4200)          the control plane, data in a temp dir
+#   web    app :19080 + sidecar    outbound 4140, inbound 4143, admin 4191
+#   api-v1 app :19081 + sidecar    inbound 4243, admin 4291
+#   api-v2 app :19082 + sidecar    inbound 4343, admin 4391
+#
+# The config is pushed with remoractl; every sidecar receives it over its
+# Discovery stream, and the api instances register their own endpoints.
+# Traffic goes web's sidecar -> api-vN's sidecar -> api-vN app. Then the
+# api route's weights change (100/0 -> 50/50 -> 0/100) and the shift shows.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-
-OUT=${REMORA_OUTBOUND:-127.0.0.1:4140}
-ADMIN=${REMORA_ADMIN:-127.0.0.1:4191}
-N=${N:-200}
+N=${N:-100}
+CP=127.0.0.1:4200
 
 echo "== building (debug)"
-cargo build -q -p remora-proxy -p remora-tests --bins
+cargo build -q -p remora-proxy -p remora-control -p remora-tests --bins
 BIN=target/debug
 work=$(mktemp -d)
 pids=()
@@ -22,56 +27,93 @@ cleanup() {
 }
 trap cleanup EXIT
 
-for addr in "$OUT" "$ADMIN" 127.0.0.1:19081 127.0.0.1:19082; do
-  if (exec 3<>"/dev/tcp/${addr%:*}/${addr##*:}") 2>/dev/null; then
-    echo "port ${addr##*:} is already in use; stop what listens there (or set REMORA_OUTBOUND/REMORA_ADMIN)"; exit 1
+for port in 4200 4140 4143 4191 4243 4291 4343 4391 19080 19081 19082; do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    echo "port $port is already in use; stop what listens there first"; exit 1
   fi
 done
-cp examples/mesh.yaml "$work/mesh.yaml"
-"$BIN/remora-demo" --addr 127.0.0.1:19081 --name web-v1 & pids+=($!)
-"$BIN/remora-demo" --addr 127.0.0.1:19082 --name web-v2 & pids+=($!)
-RUST_LOG=${RUST_LOG:-warn} "$BIN/remora-proxy" --config "$work/mesh.yaml" \
-  --outbound-addr "$OUT" --inbound-addr off --admin-addr "$ADMIN" \
-  --config-poll-interval 100ms & pids+=($!)
 
+export RUST_LOG=${RUST_LOG:-warn}
 get() { curl -fsS --max-time 5 "$@"; }
+wait_ready() {
+  local deadline=$((SECONDS + 20))
+  until get "http://$1/ready" >/dev/null 2>&1; do
+    (( SECONDS < deadline )) || { echo "$2 did not become ready"; exit 1; }
+    sleep 0.1
+  done
+}
+ctl() { "$BIN/remoractl" --server "http://$CP" "$@"; }
+
+echo "== control plane"
+"$BIN/remora-control" --listen "$CP" --data-dir "$work/data" & pids+=($!)
 deadline=$((SECONDS + 20))
-until get "http://$ADMIN/ready" >/dev/null 2>&1; do
-  (( SECONDS < deadline )) || { echo "proxy did not become ready"; exit 1; }
+until ctl status >/dev/null 2>&1; do
+  (( SECONDS < deadline )) || { echo "control plane did not start"; exit 1; }
   sleep 0.1
 done
-echo "== proxy ready, config version $(get "http://$ADMIN/config" | sed -n 's/.*"version": "\(.*\)".*/\1/p')"
+
+echo "== config: remoractl apply -f examples/mesh.yaml"
+ctl apply -f examples/mesh.yaml --author quickstart
+
+echo "== apps and sidecars"
+"$BIN/remora-demo" --addr 127.0.0.1:19080 --name web & pids+=($!)
+"$BIN/remora-demo" --addr 127.0.0.1:19081 --name api-v1 & pids+=($!)
+"$BIN/remora-demo" --addr 127.0.0.1:19082 --name api-v2 & pids+=($!)
+sidecar() { # name service inbound app admin outbound
+  "$BIN/remora-proxy" --control-plane "http://$CP" --node-id "$1" --service "$2" \
+    --inbound-addr "$3" --app-addr "$4" --admin-addr "$5" --outbound-addr "$6" \
+    --state-dir "$work/state/$1" & pids+=($!)
+}
+sidecar web-1    web    127.0.0.1:4143 127.0.0.1:19080 127.0.0.1:4191 127.0.0.1:4140
+sidecar api-v1-1 api-v1 127.0.0.1:4243 127.0.0.1:19081 127.0.0.1:4291 off
+sidecar api-v2-1 api-v2 127.0.0.1:4343 127.0.0.1:19082 127.0.0.1:4391 off
+wait_ready 127.0.0.1:4191 web-1
+wait_ready 127.0.0.1:4291 api-v1-1
+wait_ready 127.0.0.1:4391 api-v2-1
+# Wait until web's sidecar knows both api instances.
+deadline=$((SECONDS + 20))
+until [ "$(get http://127.0.0.1:4191/config | grep -c '"address"')" -ge 2 ]; do
+  (( SECONDS < deadline )) || { echo "instances did not register"; exit 1; }
+  sleep 0.1
+done
+ctl status
 
 count() {
   local v1=0 v2=0 other=0
   for _ in $(seq "$N"); do
-    case "$(get -H 'Host: web' "http://$OUT/")" in
-      *web-v1*) v1=$((v1 + 1)) ;;
-      *web-v2*) v2=$((v2 + 1)) ;;
+    case "$(get -H 'Host: api' http://127.0.0.1:4140/ 2>/dev/null || true)" in
+      *api-v1*) v1=$((v1 + 1)) ;;
+      *api-v2*) v2=$((v2 + 1)) ;;
       *) other=$((other + 1)) ;;
     esac
   done
-  echo "   web-v1: $v1   web-v2: $v2   failed: $other   (of $N)"
+  echo "   api-v1: $v1   api-v2: $v2   failed: $other   (of $N, through web's sidecar)"
+}
+shift_to() { # v1-weight v2-weight
+  sed -e "s/name: api-v1, weight: 100/name: api-v1, weight: $1/" \
+      -e "s/name: api-v2, weight: 0/name: api-v2, weight: $2/" examples/mesh.yaml > "$work/mesh.yaml"
+  local out want
+  out=$(ctl apply -f "$work/mesh.yaml" --author quickstart)
+  echo "$out"
+  want=$(echo "$out" | sed -n 's/.*version \([0-9]*\).*/\1/p' | head -1)
+  # Wait until web's sidecar runs that config version ("<version>.<endpoints>").
+  local deadline=$((SECONDS + 10))
+  until get http://127.0.0.1:4191/config | grep -q "\"version\": \"$want\."; do
+    (( SECONDS < deadline )) || break
+    sleep 0.1
+  done
 }
 
-echo "== one request through the proxy (Host: web):"
-curl -sS -i -H 'Host: web' "http://$OUT/" | sed 's/^/   /'
-echo "== $N requests, route 'split' weights 80/20:"
+echo "== one request: app -> web's sidecar -> api's sidecar -> api app"
+curl -sS -i -H 'Host: api' http://127.0.0.1:4140/ | sed 's/^/   /'
+echo "== weights 100/0"
 count
-echo "== header match: x-canary: true goes to v2:"
-echo "   $(get -H 'Host: web' -H 'x-canary: true' "http://$OUT/")"
-
-echo "== shifting traffic: weights 0/100 (editing the config file; the proxy hot-swaps it)"
-old=$(get "http://$ADMIN/config" | sed -n 's/.*"version": "\(.*\)".*/\1/p')
-sed -e 's/weight: 80}/weight: 0}/' -e 's/weight: 20}/weight: 100}/' examples/mesh.yaml > "$work/mesh.yaml.tmp"
-mv "$work/mesh.yaml.tmp" "$work/mesh.yaml"
-deadline=$((SECONDS + 10))
-until [ "$(get "http://$ADMIN/config" | sed -n 's/.*"version": "\(.*\)".*/\1/p')" != "$old" ]; do
-  (( SECONDS < deadline )) || { echo "config was not applied"; exit 1; }
-  sleep 0.1
-done
+echo "== shift: weights 50/50"
+shift_to 50 50
 count
-
-echo "== metrics (http://$ADMIN/metrics):"
-get "http://$ADMIN/metrics" | grep -E '^remora_(requests_total|config_reloads_total)' | grep -v ' 0$' | sed 's/^/   /'
+echo "== shift: weights 0/100"
+shift_to 0 100
+count
+echo "== history"
+ctl history
 echo "== done"

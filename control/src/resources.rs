@@ -24,11 +24,10 @@ impl Resource {
     }
 
     pub fn yaml(&self) -> String {
-        let r = match self {
-            Resource::Service(s) => yaml_serde::to_string(s),
-            Resource::HttpRoute(r) => yaml_serde::to_string(r),
-        };
-        r.unwrap_or_default()
+        match self {
+            Resource::Service(s) => remora_proto::yaml::resource_yaml(s),
+            Resource::HttpRoute(r) => remora_proto::yaml::resource_yaml(r),
+        }
     }
 }
 

@@ -165,22 +165,49 @@ pub fn load_path(path: &Path) -> Result<(Vec<u8>, Config), LoadError> {
     Ok((raw, cfg))
 }
 
-/// Renders a config back to YAML documents (for `/config` and remoractl).
+/// Renders a config back to YAML documents (for remoractl).
 pub fn to_yaml(cfg: &Config) -> String {
     let mut out = String::new();
-    let mut push = |v: Result<String, yaml_serde::Error>| {
-        if let Ok(s) = v {
-            out.push_str("---\n");
-            out.push_str(&s);
-        }
-    };
     for s in &cfg.services {
-        push(yaml_serde::to_string(s));
+        out.push_str("---\n");
+        out.push_str(&resource_yaml(s));
     }
     for r in &cfg.http_routes {
-        push(yaml_serde::to_string(r));
+        out.push_str("---\n");
+        out.push_str(&resource_yaml(r));
     }
     out
+}
+
+/// One resource as YAML, without the empty defaults (null, "", [], {})
+/// that proto3 types carry. Zeros and `false` stay: `weight: 0` means
+/// something.
+pub fn resource_yaml<T: serde::Serialize>(r: &T) -> String {
+    fn prune(v: &mut yaml_serde::Value) -> bool {
+        use yaml_serde::Value;
+        match v {
+            Value::Null => false,
+            Value::String(s) => !s.is_empty(),
+            Value::Sequence(items) => {
+                items.iter_mut().for_each(|i| {
+                    prune(i);
+                });
+                !items.is_empty()
+            }
+            Value::Mapping(m) => {
+                m.retain(|_, v| prune(v));
+                !m.is_empty()
+            }
+            _ => true,
+        }
+    }
+    match yaml_serde::to_value(r) {
+        Ok(mut v) => {
+            prune(&mut v);
+            yaml_serde::to_string(&v).unwrap_or_default()
+        }
+        Err(_) => String::new(),
+    }
 }
 
 #[cfg(test)]
@@ -226,6 +253,19 @@ spec:
         assert!(err.contains("HTTPRoute shop/checkout"), "{err}");
         assert!(err.contains("rules[0].backendRefs[0]"), "{err}");
         assert!(err.contains("wieght"), "{err}");
+    }
+
+    #[test]
+    fn yaml_output_drops_empty_defaults_and_round_trips() {
+        let text = "kind: HTTPRoute\nmetadata: {name: r}\nspec:\n  parentRefs: [{name: a}]\n  rules: [{backendRefs: [{name: a, weight: 0}]}]\n";
+        let cfg = parse_yaml(text, "t").unwrap();
+        let out = to_yaml(&cfg);
+        assert!(
+            !out.contains("null") && !out.contains("''") && !out.contains("[]"),
+            "{out}"
+        );
+        assert!(out.contains("weight: 0"), "{out}");
+        assert_eq!(parse_yaml(&out, "t").unwrap(), cfg);
     }
 
     #[test]

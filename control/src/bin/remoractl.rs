@@ -1,54 +1,261 @@
-//! remoractl: the CLI platform teams use. For now it validates config
-//! offline (`check`); the control-plane commands arrive with the control
-//! plane.
-use clap::{Parser, Subcommand};
+//! remoractl: the CLI platform teams use to manage Remora. It validates
+//! config offline (`check`) and drives the control plane's Admin gRPC
+//! service (apply, diff, get, delete, history, rollback, status).
+use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
+
+#[path = "../cli/mod.rs"]
+mod cli;
+
+use cli::commands::{self, Ctx, Format};
+use cli::{failure, Failure, Kind};
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success (for `diff`: no changes)
+  1  invalid input, or the server rejected the request (its message names
+     the resource and field); for `diff`: there are changes
+  2  usage error or unreadable file (for `diff`: also invalid input)
+  3  control plane unreachable, or another server error";
 
 #[derive(Parser)]
-#[command(name = "remoractl", version, about = "Remora mesh CLI")]
+#[command(
+    name = "remoractl",
+    version,
+    about = "Manage a Remora service mesh through its control plane",
+    long_about = "Manage a Remora service mesh through its control plane.\n\n\
+        Config is written as Kubernetes-style YAML documents (kind: Service or \
+        HTTPRoute). `apply` upserts resources into the control plane's running \
+        config, which validates the whole config and commits it as a new \
+        version; every version is kept and can be rolled back to.",
+    after_help = EXIT_CODES
+)]
 struct Cli {
+    /// The control plane's gRPC address (plain HTTP/2).
+    #[arg(
+        long,
+        global = true,
+        env = "REMORA_SERVER",
+        default_value = "http://127.0.0.1:4200",
+        value_name = "URL"
+    )]
+    server: String,
+
+    /// How long to wait for the control plane: to connect, and for each
+    /// request ("5s", "500ms", "1m"; a bare number means seconds).
+    #[arg(long, global = true, default_value = "5s", value_parser = parse_timeout, value_name = "DURATION")]
+    timeout: Duration,
+
     #[command(subcommand)]
     command: Command,
 }
 
+/// A config source.
+#[derive(Args)]
+struct FileArg {
+    /// A YAML file, a directory of .yaml/.yml files (read in name order), or
+    /// `-` for stdin. Documents are separated by `---`, one resource each.
+    #[arg(short = 'f', long = "filename", value_name = "FILE|DIR|-")]
+    file: PathBuf,
+}
+
+/// Who a change is recorded as in the history.
+#[derive(Args)]
+struct AuthorArg {
+    /// Recorded as the author of the change [default: $USER@$HOSTNAME, or
+    /// "remoractl"].
+    #[arg(long)]
+    author: Option<String>,
+}
+
 #[derive(Subcommand)]
 enum Command {
-    /// Validate config offline (no server needed). Exit 0 when valid, 1 when
-    /// any resource is invalid, 2 when the files cannot be read.
-    Check {
-        /// A YAML file or a directory of them.
-        #[arg(short = 'f', long = "filename")]
-        file: PathBuf,
+    /// Upsert resources into the running config, as a new version.
+    ///
+    /// Each resource replaces the one with the same kind, namespace and name
+    /// (or is added). The control plane validates the resulting config as a
+    /// whole: if anything is invalid nothing changes, and the errors name
+    /// the resource and field (exit 1). Applying what is already there
+    /// changes nothing and creates no version.
+    #[command(after_help = EXIT_CODES)]
+    Apply {
+        #[command(flatten)]
+        file: FileArg,
+        #[command(flatten)]
+        author: AuthorArg,
     },
+
+    /// Show what `apply` would change, without changing anything.
+    ///
+    /// Prints each resource that would be created (+), updated (~) or
+    /// deleted (-) with a line diff of its YAML. Exit 0 when nothing would
+    /// change, 1 when something would, 2 for invalid input or usage errors,
+    /// 3 when the control plane is unreachable (as `kubectl diff`).
+    Diff {
+        #[command(flatten)]
+        file: FileArg,
+        /// Also list resources that would not change.
+        #[arg(long)]
+        all: bool,
+    },
+
+    /// Show resources of the running config.
+    ///
+    /// Without KIND, every resource; without NAME, every resource of that
+    /// kind. Without -n a listing covers every namespace, and a NAME is
+    /// looked up in "default". A NAME that does not exist is an error
+    /// (exit 1).
+    #[command(after_help = EXIT_CODES)]
+    Get {
+        /// service (services, svc) or httproute (httproutes, route, routes);
+        /// case-insensitive.
+        #[arg(value_parser = parse_kind)]
+        kind: Option<Kind>,
+        /// The resource's name (needs KIND).
+        #[arg(requires = "kind")]
+        name: Option<String>,
+        /// Only this namespace.
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value_t = Format::Table)]
+        output: Format,
+    },
+
+    /// Remove a resource from the running config, as a new version.
+    ///
+    /// Refused (exit 1) when the rest of the config still needs it, e.g. a
+    /// Service that an HTTPRoute references.
+    #[command(after_help = EXIT_CODES)]
+    Delete {
+        /// service (services, svc) or httproute (httproutes, route, routes);
+        /// case-insensitive.
+        #[arg(value_parser = parse_kind)]
+        kind: Kind,
+        /// The resource's name.
+        name: String,
+        /// The resource's namespace [default: default].
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        #[command(flatten)]
+        author: AuthorArg,
+    },
+
+    /// List config versions: number, time (UTC), author and summary.
+    #[command(after_help = EXIT_CODES)]
+    History,
+
+    /// Make an earlier version's config current again, as a new version.
+    ///
+    /// History is never rewritten: rolling back to version 3 commits version
+    /// 3's config as the next version. A version that does not exist is an
+    /// error (exit 1).
+    #[command(after_help = EXIT_CODES)]
+    Rollback {
+        /// The version whose config to restore (see `remoractl history`).
+        version: u64,
+        #[command(flatten)]
+        author: AuthorArg,
+    },
+
+    /// Show the config version and each connected proxy's state.
+    ///
+    /// For every proxy: its node id, the Service it fronts, whether it is
+    /// connected, the snapshot version it acknowledged, and its state: ACK
+    /// (running what it was last sent), NACK (refused the last snapshot,
+    /// with its reason) or PENDING (a snapshot is on its way). INSTANCE is
+    /// the endpoint it registered, SINCE when it connected.
+    #[command(after_help = EXIT_CODES)]
+    Status,
+
+    /// Validate config offline (no server needed).
+    ///
+    /// Parses and validates the files as one complete config, exactly as
+    /// the control plane and proxies would. Exit 0 when valid, 1 when any
+    /// resource is invalid (the errors name resource and field), 2 when the
+    /// files cannot be read.
+    Check {
+        #[command(flatten)]
+        file: FileArg,
+    },
+}
+
+fn parse_kind(text: &str) -> Result<Kind, String> {
+    Kind::parse(text)
+}
+
+fn parse_timeout(text: &str) -> Result<Duration, String> {
+    if let Ok(secs) = text.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    let d = remora_proto::duration::parse(text)?;
+    if d.is_zero() {
+        return Err("must be more than zero".into());
+    }
+    Ok(d)
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Check { file } => match remora_proto::load_path(&file) {
-            Err(e @ remora_proto::LoadError::Io { .. }) => {
-                eprintln!("error: {e}");
-                ExitCode::from(2)
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::from(1)
-            }
-            Ok((_, cfg)) => match remora_proto::prepare(cfg) {
-                Ok(cfg) => {
-                    println!(
-                        "ok: {} services, {} HTTP routes",
-                        cfg.services.len(),
-                        cfg.http_routes.len()
-                    );
-                    ExitCode::SUCCESS
-                }
-                Err(errs) => {
-                    eprintln!("{errs}");
-                    ExitCode::from(1)
-                }
-            },
-        },
+    let ctx = Ctx {
+        server: cli.server,
+        timeout: cli.timeout,
+    };
+    let result = match cli.command {
+        Command::Check { file } => commands::check(&file.file),
+        command => run_remote(&ctx, command),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(f) => {
+            eprintln!("error: {}", f.message);
+            ExitCode::from(f.code)
+        }
     }
+}
+
+/// The commands that talk to the control plane.
+fn run_remote(ctx: &Ctx, command: Command) -> Result<u8, Failure> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::server(format!("cannot start the async runtime: {e}")))?;
+    rt.block_on(async {
+        match command {
+            Command::Apply { file, author } => {
+                commands::apply(ctx, &file.file, commands::author(author.author)).await
+            }
+            Command::Diff { file, all } => {
+                // diff's 1 means "there are changes"; its errors exit 2 or 3.
+                commands::diff(ctx, &file.file, all).await.map_err(|mut f| {
+                    if f.code == failure::EXIT_INVALID {
+                        f.code = failure::EXIT_USAGE;
+                    }
+                    f
+                })
+            }
+            Command::Get {
+                kind,
+                name,
+                namespace,
+                output,
+            } => commands::get(ctx, kind, name, namespace, output).await,
+            Command::Delete {
+                kind,
+                name,
+                namespace,
+                author,
+            } => {
+                commands::delete(ctx, kind, name, namespace, commands::author(author.author)).await
+            }
+            Command::History => commands::history(ctx).await,
+            Command::Rollback { version, author } => {
+                commands::rollback(ctx, version, commands::author(author.author)).await
+            }
+            Command::Status => commands::status(ctx).await,
+            Command::Check { file } => commands::check(&file.file),
+        }
+    })
 }
