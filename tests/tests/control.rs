@@ -460,3 +460,70 @@ async fn futures_util_join<const N: usize>(names: [&str; N]) -> Vec<Upstream> {
     }
     v
 }
+
+#[tokio::test]
+async fn a_stuck_subscriber_never_delays_the_others() {
+    use remora_proto::control::discovery_client::DiscoveryClient;
+    use remora_proto::control::{discovery_request::Kind, DiscoveryRequest, Hello};
+    let (blue, green) = (
+        Upstream::start("blue", Behavior::Demo).await,
+        Upstream::start("green", Behavior::Demo).await,
+    );
+    let (data, state) = (TempDir::new("cp-data"), TempDir::new("cp-state"));
+    let cp = ControlProcess::start(&data).await;
+    // A big config, so a few snapshots fill the stuck stream's HTTP/2 window.
+    let mut big = mesh(&blue, &green, "blue");
+    for i in 0..300 {
+        big.push_str(&format!(
+            "---\n{}",
+            service_yaml(&format!("filler-{i}"), 80, "http", &[blue.addr])
+        ));
+    }
+    cp.apply(&big).await.unwrap();
+
+    // The stuck one: says Hello, then never reads a snapshot.
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(DiscoveryRequest {
+        kind: Some(Kind::Hello(Hello {
+            node_id: "stuck".into(),
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    let mut client = DiscoveryClient::connect(cp.url()).await.unwrap();
+    let _stuck_stream = client
+        .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap();
+
+    let p = proxy(&cp, "live", &state, &[]).await;
+    for i in 0..10 {
+        let target = if i % 2 == 0 { "green" } else { "blue" };
+        let v = cp
+            .apply(&big.replace(
+                "backendRefs: [{name: blue}]",
+                &format!("backendRefs: [{{name: {target}}}]"),
+            ))
+            .await
+            .unwrap();
+        let p = &p;
+        wait_until(
+            "the live proxy runs the new version",
+            Duration::from_secs(5),
+            || async move { p.config_version().await.starts_with(&format!("{v}.")) },
+        )
+        .await;
+    }
+    let status = cp.status().await;
+    let stuck = status
+        .proxies
+        .iter()
+        .find(|p| p.node_id == "stuck")
+        .unwrap();
+    assert!(
+        stuck.acked_version.is_empty(),
+        "the stuck subscriber never ACKed"
+    );
+    assert!(stuck.connected);
+}
