@@ -159,6 +159,9 @@ pub fn scope_config(cfg: &Config, service: &str) -> Config {
         .map(|sp| sp.calls.iter().map(|c| qualify(ns, c)).collect())
         .unwrap_or_default();
     let mut needed = called.clone();
+    // Its own Service too: its replica count divides mesh-wide limits, and
+    // inbound policies target it.
+    needed.insert(service.to_string());
     let mut routes: Vec<HttpRoute> = Vec::new();
     for r in &cfg.http_routes {
         let mut r = r.clone();
@@ -200,9 +203,24 @@ pub fn scope_config(cfg: &Config, service: &str) -> Config {
             s
         })
         .collect();
+    let route_ids: BTreeSet<String> = routes.iter().map(|r| id(r.metadata.as_ref())).collect();
+    let rate_limit_policies = cfg
+        .rate_limit_policies
+        .iter()
+        .filter(|p| {
+            let t = p.spec.as_ref().and_then(|s| s.target_ref.clone()).unwrap_or_default();
+            let target = format!("{}/{}", t.namespace, t.name);
+            match t.kind.as_str() {
+                "HTTPRoute" => route_ids.contains(&target),
+                _ => needed.contains(&target),
+            }
+        })
+        .cloned()
+        .collect();
     Config {
         services,
         http_routes: routes,
+        rate_limit_policies,
     }
 }
 
@@ -576,7 +594,7 @@ spec:
             .iter()
             .map(|s| s.metadata.as_ref().unwrap().name.clone())
             .collect();
-        assert_eq!(names, ["cart", "cart-v2"]);
+        assert_eq!(names, ["front", "cart", "cart-v2"]);
         assert_eq!(s.http_routes.len(), 1);
         assert_eq!(s.http_routes[0].spec.as_ref().unwrap().parent_refs.len(), 1);
         // What the proxy receives is itself a valid config.

@@ -1,13 +1,14 @@
 //! A config as a set of resources keyed by (kind, namespace, name): upsert,
 //! delete, diff. Resources are kept sorted, so equal sets are equal configs.
 
-use remora_proto::model::{Config, HttpRoute, Service};
+use remora_proto::model::{Config, HttpRoute, RateLimitPolicy, Service};
 use std::collections::BTreeMap;
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Resource {
     Service(Service),
     HttpRoute(HttpRoute),
+    RateLimitPolicy(RateLimitPolicy),
 }
 
 /// (kind, namespace, name)
@@ -18,6 +19,7 @@ impl Resource {
         let (kind, meta) = match self {
             Resource::Service(s) => ("Service", s.metadata.as_ref()),
             Resource::HttpRoute(r) => ("HTTPRoute", r.metadata.as_ref()),
+            Resource::RateLimitPolicy(p) => ("RateLimitPolicy", p.metadata.as_ref()),
         };
         let meta = meta.cloned().unwrap_or_default();
         (kind, meta.namespace, meta.name)
@@ -27,6 +29,7 @@ impl Resource {
         match self {
             Resource::Service(s) => remora_proto::yaml::resource_yaml(s),
             Resource::HttpRoute(r) => remora_proto::yaml::resource_yaml(r),
+            Resource::RateLimitPolicy(p) => remora_proto::yaml::resource_yaml(p),
         }
     }
 }
@@ -40,6 +43,9 @@ pub fn kind_name(kind: &str) -> Option<&'static str> {
     match kind.to_ascii_lowercase().as_str() {
         "service" | "services" | "svc" => Some("Service"),
         "httproute" | "httproutes" | "route" | "routes" => Some("HTTPRoute"),
+        "ratelimitpolicy" | "ratelimitpolicies" | "ratelimit" | "ratelimits" | "rlp" => {
+            Some("RateLimitPolicy")
+        }
         _ => None,
     }
 }
@@ -54,6 +60,10 @@ pub fn split(cfg: &Config) -> BTreeMap<Key, Resource> {
         let r = Resource::HttpRoute(h.clone());
         m.insert(r.key(), r);
     }
+    for p in &cfg.rate_limit_policies {
+        let r = Resource::RateLimitPolicy(p.clone());
+        m.insert(r.key(), r);
+    }
     m
 }
 
@@ -63,6 +73,7 @@ pub fn join(set: BTreeMap<Key, Resource>) -> Config {
         match r {
             Resource::Service(s) => cfg.services.push(s),
             Resource::HttpRoute(h) => cfg.http_routes.push(h),
+            Resource::RateLimitPolicy(p) => cfg.rate_limit_policies.push(p),
         }
     }
     cfg

@@ -97,6 +97,32 @@ pub fn normalize(cfg: &mut Config) {
             }
         }
     }
+    for p in &mut cfg.rate_limit_policies {
+        let policy_ns = ns(&mut p.metadata);
+        p.kind = "RateLimitPolicy".into();
+        let spec = p.spec.get_or_insert_with(Default::default);
+        let t = spec.target_ref.get_or_insert_with(Default::default);
+        if t.kind.is_empty() {
+            t.kind = "Service".into();
+        }
+        if t.namespace.is_empty() {
+            t.namespace = policy_ns;
+        }
+        if t.kind == "HTTPRoute" && spec.direction.is_empty() {
+            spec.direction = "outbound".into();
+        }
+        if spec.direction.is_empty() {
+            spec.direction = "inbound".into();
+        }
+        for l in &mut spec.limits {
+            if l.per.is_empty() {
+                l.per = "second".into();
+            }
+            if l.scope.is_empty() {
+                l.scope = "Local".into();
+            }
+        }
+    }
     for r in &mut cfg.http_routes {
         let route_ns = ns(&mut r.metadata);
         r.kind = "HTTPRoute".into();
@@ -181,6 +207,107 @@ impl Validator {
             }
             self.metadata(r.metadata.as_ref());
             self.route(r.spec.as_ref().expect("normalized"), &services);
+        }
+        let routes: HashSet<String> = cfg
+            .http_routes
+            .iter()
+            .map(|r| crate::resource_id(r.metadata.as_ref()))
+            .collect();
+        for p in &cfg.rate_limit_policies {
+            self.resource = format!("RateLimitPolicy {}", crate::resource_id(p.metadata.as_ref()));
+            if !seen.insert(self.resource.clone()) {
+                self.err("metadata.name", "defined twice");
+            }
+            self.metadata(p.metadata.as_ref());
+            self.rate_limit_policy(p.spec.as_ref().expect("normalized"), &services, &routes);
+        }
+    }
+
+    fn rate_limit_policy(
+        &mut self,
+        spec: &RateLimitPolicySpec,
+        services: &HashMap<String, Vec<u32>>,
+        routes: &HashSet<String>,
+    ) {
+        let t = spec.target_ref.clone().unwrap_or_default();
+        let target = format!("{}/{}", t.namespace, t.name);
+        match t.kind.as_str() {
+            "Service" if !services.contains_key(&target) => {
+                self.err("targetRef.name", format!("Service {target} is not defined"))
+            }
+            "HTTPRoute" if !routes.contains(&target) => {
+                self.err("targetRef.name", format!("HTTPRoute {target} is not defined"))
+            }
+            "Service" | "HTTPRoute" => {}
+            other => self.err(
+                "targetRef.kind",
+                format!("{other:?} is not one of Service, HTTPRoute"),
+            ),
+        }
+        match spec.direction.as_str() {
+            "inbound" if t.kind == "HTTPRoute" => self.err(
+                "direction",
+                "an HTTPRoute runs on the callers' proxies: only outbound applies",
+            ),
+            "inbound" | "outbound" => {}
+            other => self.err("direction", format!("{other:?} is not one of inbound, outbound")),
+        }
+        if spec.limits.is_empty() {
+            self.err("limits", "at least one limit is required");
+        }
+        let mut names = HashSet::new();
+        for (i, l) in spec.limits.iter().enumerate() {
+            let f = format!("limits[{i}]");
+            if l.name.is_empty() {
+                self.err(format!("{f}.name"), "is required");
+            } else if !names.insert(l.name.as_str()) {
+                self.err(format!("{f}.name"), format!("{:?} is used twice", l.name));
+            }
+            if l.requests == 0 {
+                self.err(format!("{f}.requests"), "must be at least 1");
+            }
+            if !["second", "minute", "hour"].contains(&l.per.as_str()) {
+                self.err(format!("{f}.per"), format!("{:?} is not one of second, minute, hour", l.per));
+            }
+            if l.burst == Some(0) {
+                self.err(format!("{f}.burst"), "must be at least 1");
+            }
+            for (k, key) in l.key.iter().enumerate() {
+                let kf = format!("{f}.key[{k}]");
+                match key.r#type.as_str() {
+                    "Total" | "ClientIdentity" | "SourceAddress" => {}
+                    "Header" => {
+                        if let Err(e) = header_name(&key.name) {
+                            self.err(format!("{kf}.name"), e);
+                        }
+                    }
+                    other => self.err(
+                        format!("{kf}.type"),
+                        format!("{other:?} is not one of Total, ClientIdentity, Header, SourceAddress"),
+                    ),
+                }
+            }
+            for (o, ov) in l.overrides.iter().enumerate() {
+                let of = format!("{f}.overrides[{o}]");
+                if ov.value.is_empty() {
+                    self.err(format!("{of}.value"), "is required");
+                }
+                if ov.requests == 0 {
+                    self.err(format!("{of}.requests"), "must be at least 1");
+                }
+                if ov.burst == Some(0) {
+                    self.err(format!("{of}.burst"), "must be at least 1");
+                }
+            }
+            match l.scope.as_str() {
+                "Local" => {}
+                "Mesh" if t.kind == "Service" && spec.direction == "inbound" => {}
+                "Mesh" => self.err(
+                    format!("{f}.scope"),
+                    "Mesh is shared by the replicas of a Service: it needs an inbound Service target",
+                ),
+                other => self.err(format!("{f}.scope"), format!("{other:?} is not one of Local, Mesh")),
+            }
         }
     }
 
@@ -640,6 +767,40 @@ spec:
         ] {
             assert!(err.contains(want), "missing {want:?} in:\n{err}");
         }
+    }
+
+    #[test]
+    fn bad_rate_limit_policies_name_the_field() {
+        let err = check(
+            r#"
+kind: RateLimitPolicy
+metadata: {name: limits, namespace: shop}
+spec:
+  targetRef: {name: shop}
+  limits:
+  - {name: zero, requests: 0}
+  - {name: badkey, requests: 5, key: [{type: Cookie}]}
+  - {name: noburst, requests: 5, burst: 0, per: fortnight}
+  - {name: mesh-out, requests: 5, scope: Galaxy}
+"#,
+        )
+        .unwrap_err()
+        .to_string();
+        for want in [
+            "RateLimitPolicy shop/limits: limits[0].requests: must be at least 1",
+            "RateLimitPolicy shop/limits: limits[1].key[0].type: \"Cookie\" is not one of",
+            "RateLimitPolicy shop/limits: limits[2].burst: must be at least 1",
+            "RateLimitPolicy shop/limits: limits[2].per:",
+            "RateLimitPolicy shop/limits: limits[3].scope:",
+        ] {
+            assert!(err.contains(want), "missing {want:?} in:\n{err}");
+        }
+        let ok = check(
+            "kind: RateLimitPolicy\nmetadata: {name: l, namespace: shop}\nspec:\n  targetRef: {name: shop}\n  limits: [{name: all, requests: 10, scope: Mesh, key: [{type: Header, name: x-user}]}]\n",
+        )
+        .unwrap();
+        let spec = ok.rate_limit_policies[0].spec.as_ref().unwrap();
+        assert_eq!((spec.direction.as_str(), spec.limits[0].per.as_str()), ("inbound", "second"));
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! `kind` choosing the message. Field names are the proto fields in
 //! camelCase, and unknown fields are errors, so a typo never passes silently.
 
-use crate::model::{Config, HttpRoute, Service};
+use crate::model::{Config, HttpRoute, RateLimitPolicy, Service};
 use serde::de::DeserializeOwned;
 use std::path::{Path, PathBuf};
 
@@ -64,18 +64,24 @@ fn add_yaml(cfg: &mut Config, text: &str, source: &str) -> Result<(), LoadError>
                 "HTTPRoute",
                 &name,
             )?),
+            "RateLimitPolicy" => cfg.rate_limit_policies.push(typed::<RateLimitPolicy>(
+                value.clone(),
+                source,
+                "RateLimitPolicy",
+                &name,
+            )?),
             "" => {
                 return Err(LoadError::Syntax {
                     source_name: source.to_string(),
                     doc: doc_no,
-                    message: "missing `kind` (Service or HTTPRoute)".into(),
+                    message: "missing `kind` (Service, HTTPRoute or RateLimitPolicy)".into(),
                 })
             }
             other => {
                 return Err(LoadError::Syntax {
                     source_name: source.to_string(),
                     doc: doc_no,
-                    message: format!("unknown kind {other:?} (expected Service or HTTPRoute)"),
+                    message: format!("unknown kind {other:?} (expected Service, HTTPRoute or RateLimitPolicy)"),
                 })
             }
         }
@@ -175,6 +181,10 @@ pub fn to_yaml(cfg: &Config) -> String {
     for r in &cfg.http_routes {
         out.push_str("---\n");
         out.push_str(&resource_yaml(r));
+    }
+    for p in &cfg.rate_limit_policies {
+        out.push_str("---\n");
+        out.push_str(&resource_yaml(p));
     }
     out
 }
