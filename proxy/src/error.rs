@@ -25,6 +25,8 @@ pub enum ProxyError {
     BodyTooLarge(usize),
     #[error("reading request body failed: {0}")]
     ClientBody(String),
+    #[error("rate limited")]
+    RateLimited,
 }
 
 /// gRPC status codes used here (grpc/doc/statuscodes.md).
@@ -44,6 +46,7 @@ impl ProxyError {
             ProxyError::Connect(..) | ProxyError::Upstream(..) => StatusCode::BAD_GATEWAY,
             ProxyError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
+            ProxyError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -51,7 +54,7 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute(_) => GRPC_UNIMPLEMENTED,
             ProxyError::Timeout => GRPC_DEADLINE_EXCEEDED,
-            ProxyError::Overflow(_) => GRPC_RESOURCE_EXHAUSTED,
+            ProxyError::Overflow(_) | ProxyError::RateLimited => GRPC_RESOURCE_EXHAUSTED,
             ProxyError::NoBackend(_) | ProxyError::BodyTooLarge(_) | ProxyError::ClientBody(_) => {
                 GRPC_INTERNAL
             }
@@ -71,6 +74,7 @@ impl ProxyError {
             ProxyError::Upstream(..) => "upstream",
             ProxyError::BodyTooLarge(_) => "body-too-large",
             ProxyError::ClientBody(_) => "client-body",
+            ProxyError::RateLimited => "rate-limited",
         }
     }
 

@@ -11,6 +11,7 @@ pub mod error;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;
+pub mod ratelimit;
 pub mod retry;
 pub mod route;
 pub mod runtime;

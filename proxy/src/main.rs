@@ -71,6 +71,10 @@ struct Args {
     /// Longest wait between control-plane reconnects.
     #[arg(long, env = "REMORA_CONTROL_PLANE_MAX_BACKOFF", default_value = "10s", value_parser = duration)]
     control_plane_max_backoff: Duration,
+    /// Live keys per rate limit; past it, new keys share one overflow bucket
+    /// until idle keys are evicted (every 10 s).
+    #[arg(long, env = "REMORA_RATELIMIT_MAX_KEYS", default_value_t = 1_000_000)]
+    ratelimit_max_keys: usize,
     /// Most route rules a config may hold; a bigger one is rejected (NACK).
     #[arg(long, env = "REMORA_MAX_ROUTE_RULES", default_value_t = 100_000)]
     max_route_rules: usize,
@@ -221,6 +225,14 @@ fn run(args: Args) -> Result<()> {
             window: args.retry_budget_interval,
         },
         max_route_rules: args.max_route_rules,
+        service: args.service.as_ref().map(|s| {
+            if s.contains('/') {
+                s.clone()
+            } else {
+                format!("{}/{s}", args.namespace)
+            }
+        }),
+        ratelimit_max_keys: args.ratelimit_max_keys,
     };
     let limits = ServerLimits {
         max_connections: args.max_connections,
@@ -344,6 +356,17 @@ fn run(args: Args) -> Result<()> {
                 listeners.spawn(serve_http(l, "inbound", Direction::Inbound, proxy.clone(), limits.clone(), life.clone()));
             }
         }
+        // Idle rate-limit keys are evicted in the background.
+        let gc_proxy = proxy.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(10));
+            loop {
+                tick.tick().await;
+                for limit in gc_proxy.runtime.load().limits.values() {
+                    limit.gc();
+                }
+            }
+        });
         let mut discovery_task = None;
         if let Some(d) = discovery {
             discovery_task = Some(tokio::spawn(remora_proxy::discovery::run(

@@ -31,6 +31,13 @@ pub struct RetryLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    pub policy: String,
+    pub limit: String,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BackendLabels {
     pub backend: String,
 }
@@ -79,6 +86,7 @@ pub struct Metrics {
     pub connections_total: Family<ListenerLabels, Counter>,
     pub tcp_bytes: Family<ListenerLabels, Counter>,
     pub control_plane_connected: Gauge,
+    pub ratelimit_decisions: Family<DecisionLabels, Counter>,
 }
 
 impl Metrics {
@@ -163,6 +171,12 @@ impl Metrics {
             "1 while the Discovery stream to the control plane is up",
             control_plane_connected.clone(),
         );
+        let ratelimit_decisions = Family::default();
+        registry.register(
+            "ratelimit_decisions",
+            "Rate-limit decisions by policy, limit and result (allowed, limited, dry_run_limited)",
+            ratelimit_decisions.clone(),
+        );
         Arc::new(Metrics {
             registry,
             requests,
@@ -178,6 +192,7 @@ impl Metrics {
             connections_total,
             tcp_bytes,
             control_plane_connected,
+            ratelimit_decisions,
         })
     }
 
@@ -205,6 +220,23 @@ impl Metrics {
         let l = ListenerLabels { listener };
         let _ = self.connections_active.get_or_create(&l);
         let _ = self.connections_total.get_or_create(&l);
+    }
+
+    /// Decision counters for one limit, resolved once.
+    pub fn decisions(&self, policy: &str, limit: &str) -> crate::ratelimit::Decisions {
+        let c = |result| {
+            self.ratelimit_decisions
+                .get_or_create_owned(&DecisionLabels {
+                    policy: policy.to_string(),
+                    limit: limit.to_string(),
+                    result,
+                })
+        };
+        crate::ratelimit::Decisions {
+            allowed: c("allowed"),
+            limited: c("limited"),
+            dry_run: c("dry_run_limited"),
+        }
     }
 
     pub fn error(&self, direction: &'static str, reason: &'static str) {

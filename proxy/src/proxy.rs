@@ -12,6 +12,7 @@ use crate::body::Body;
 use crate::cluster::Cluster;
 use crate::error::ProxyError;
 use crate::metrics::{Metrics, RetryLabels, RouteMetrics};
+use crate::ratelimit::Outcome as RateOutcome;
 use crate::route::{authority, Lookup, Rule};
 use crate::runtime::Runtime;
 use arc_swap::ArcSwap;
@@ -21,7 +22,7 @@ use http::uri::{PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
@@ -90,7 +91,7 @@ struct Head {
 
 impl Proxy {
     /// Serves one request from the local app to the mesh.
-    pub async fn outbound(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+    pub async fn outbound(self: Arc<Self>, req: Request<Incoming>, peer: IpAddr) -> Response<Body> {
         let start = Instant::now();
         let grpc = is_grpc(&req);
         // The snapshot this request runs on, to the end, whatever swaps.
@@ -110,15 +111,29 @@ impl Proxy {
             );
         };
         let (method, path) = (req.method().clone(), req.uri().path().to_string());
-        let result = self.forward(&rule, &backend.cluster, req).await;
-        let resp = match result {
-            Ok(mut resp) => {
-                if let Some(h) = &rule.response_headers {
-                    h.apply(resp.headers_mut());
-                }
+        // Rate limits on this route (and on calls to its Service).
+        let limited = rule
+            .limits
+            .as_ref()
+            .map(|l| l.check(req.headers(), Some(peer), None));
+        let resp = match limited {
+            Some(RateOutcome {
+                limited: Some(wait),
+                headers,
+            }) => self.rate_limited(Direction::Outbound, wait, headers, grpc),
+            other => {
+                let mut resp = match self.forward(&rule, &backend.cluster, req).await {
+                    Ok(mut resp) => {
+                        if let Some(h) = &rule.response_headers {
+                            h.apply(resp.headers_mut());
+                        }
+                        resp
+                    }
+                    Err(e) => self.fail(Direction::Outbound, e, grpc),
+                };
+                add_rate_headers(&mut resp, other.and_then(|o| o.headers));
                 resp
             }
-            Err(e) => self.fail(Direction::Outbound, e, grpc),
         };
         backend
             .metrics
@@ -132,7 +147,7 @@ impl Proxy {
     }
 
     /// Serves one request from the mesh to the local app.
-    pub async fn inbound(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+    pub async fn inbound(self: Arc<Self>, req: Request<Incoming>, peer: IpAddr) -> Response<Body> {
         let start = Instant::now();
         let grpc = is_grpc(&req);
         let Some(inbound) = &self.inbound else {
@@ -140,13 +155,28 @@ impl Proxy {
             return self.fail(Direction::Inbound, ProxyError::NoRoute(host), grpc);
         };
         let (method, path) = (req.method().clone(), req.uri().path().to_string());
-        let upgrade = is_upgrade(&req);
-        let resp = match self
-            .send_streaming(&inbound.cluster, req, None, upgrade)
-            .await
-        {
-            Ok(resp) => resp,
-            Err(e) => self.fail(Direction::Inbound, e, grpc),
+        // Limits that protect the local app from all its callers.
+        let rt = self.runtime.load();
+        let outcome = (!rt.inbound_limits.is_empty())
+            .then(|| rt.inbound_limits.check(req.headers(), Some(peer), None));
+        drop(rt);
+        let resp = match outcome {
+            Some(RateOutcome {
+                limited: Some(wait),
+                headers,
+            }) => self.rate_limited(Direction::Inbound, wait, headers, grpc),
+            other => {
+                let upgrade = is_upgrade(&req);
+                let sent = self
+                    .send_streaming(&inbound.cluster, req, None, upgrade)
+                    .await;
+                let mut resp = match sent {
+                    Ok(resp) => resp,
+                    Err(e) => self.fail(Direction::Inbound, e, grpc),
+                };
+                add_rate_headers(&mut resp, other.and_then(|o| o.headers));
+                resp
+            }
         };
         inbound
             .metrics
@@ -155,6 +185,23 @@ impl Proxy {
             info!(target: "access", direction = "inbound", %method, path,
                 status = resp.status().as_u16(), micros = start.elapsed().as_micros() as u64);
         }
+        resp
+    }
+
+    /// 429 (gRPC: RESOURCE_EXHAUSTED) with Retry-After and the RateLimit
+    /// headers.
+    fn rate_limited(
+        &self,
+        dir: Direction,
+        wait: Duration,
+        headers: Option<(HeaderValue, HeaderValue)>,
+        grpc: bool,
+    ) -> Response<Body> {
+        let mut resp = self.fail(dir, ProxyError::RateLimited, grpc);
+        let secs = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        add_rate_headers(&mut resp, headers);
         resp
     }
 
@@ -409,6 +456,13 @@ impl Head {
             }
         }
         req
+    }
+}
+
+fn add_rate_headers(resp: &mut Response<Body>, headers: Option<(HeaderValue, HeaderValue)>) {
+    if let Some((policy, state)) = headers {
+        resp.headers_mut().insert("ratelimit-policy", policy);
+        resp.headers_mut().insert("ratelimit", state);
     }
 }
 

@@ -144,6 +144,9 @@ pub struct Rule {
     pub timeout: Option<Duration>,
     pub per_try_timeout: Option<Duration>,
     pub retry: Option<RetryPolicy>,
+    /// Rate limits for requests on this rule (HTTPRoute policies and the
+    /// parent Service's outbound policies).
+    pub limits: Option<Arc<crate::ratelimit::LimiterSet>>,
 }
 
 impl Rule {

@@ -8,6 +8,7 @@ use crate::balance::OutlierConfig;
 use crate::cluster::{Cluster, Endpoint, Protocol};
 use crate::metrics::{BackendLabels, Metrics};
 use crate::pool::{Pool, PoolConfig};
+use crate::ratelimit::{KeyPart, Limit, LimitParams, LimiterSet};
 use crate::retry::{BudgetParams, RetryBudget, RetryPolicy};
 use crate::route::*;
 use http::header::{HeaderName, HeaderValue};
@@ -30,6 +31,11 @@ pub struct Settings {
     pub default_budget: BudgetParams,
     /// Most route rules a config may have (a memory bound).
     pub max_route_rules: usize,
+    /// `namespace/name` of the Service this proxy fronts, if any: its
+    /// inbound rate-limit policies apply here.
+    pub service: Option<String>,
+    /// Live keys per rate limit before new keys share an overflow bucket.
+    pub ratelimit_max_keys: usize,
 }
 
 pub struct Runtime {
@@ -38,6 +44,10 @@ pub struct Runtime {
     pub routes: RouteTable,
     pub clusters: HashMap<String, Arc<Cluster>>,
     pub budgets: HashMap<String, Arc<RetryBudget>>,
+    /// Every rate limit by `namespace/policy/limit` (kept across swaps).
+    pub limits: HashMap<String, Arc<Limit>>,
+    /// Limits on traffic into the local app.
+    pub inbound_limits: Arc<LimiterSet>,
 }
 
 impl Runtime {
@@ -49,6 +59,8 @@ impl Runtime {
             routes: RouteTable::default(),
             clusters: HashMap::new(),
             budgets: HashMap::new(),
+            limits: HashMap::new(),
+            inbound_limits: Arc::new(LimiterSet::default()),
         }
     }
 }
@@ -93,12 +105,31 @@ pub fn compile(
         }
     }
 
+    let limits = compile_limits(&cfg, prev, s, metrics)?;
+    // (target kind, target id, direction) -> limits
+    let attached = |kind: &str, id: &str, direction: &str| -> Vec<Arc<Limit>> {
+        limits
+            .values()
+            .filter(|(t, _)| t.0 == kind && t.1 == id && t.2 == direction)
+            .map(|(_, l)| l.clone())
+            .collect()
+    };
+    let set = |v: Vec<Arc<Limit>>| (!v.is_empty()).then(|| Arc::new(LimiterSet { limits: v }));
+    let inbound_limits = Arc::new(LimiterSet {
+        limits: s
+            .service
+            .as_deref()
+            .map(|svc| attached("Service", svc, "inbound"))
+            .unwrap_or_default(),
+    });
+
     let mut budgets = HashMap::new();
     let mut table = RouteTable::default();
     for svc in &cfg.services {
         let meta = svc.metadata.clone().unwrap_or_default();
         let id = format!("{}/{}", meta.namespace, meta.name);
         let mut port_routes = Vec::new();
+        let attached_to = &attached;
         for (port, cid) in ports.get(&id).into_iter().flatten() {
             let mut entries = Vec::new();
             let mut attached = false;
@@ -114,13 +145,17 @@ pub fn compile(
                     continue;
                 }
                 attached = true;
+                let route_id = format!("{}/{}", rmeta.namespace, rmeta.name);
+                let mut rule_limits = attached_to("HTTPRoute", &route_id, "outbound");
+                rule_limits.extend(attached_to("Service", &id, "outbound"));
+                let rule_limits = set(rule_limits);
                 for (i, rule) in spec.rules.iter().enumerate() {
                     let rule_id = if rule.name.is_empty() {
                         format!("{}/{}/rule-{i}", rmeta.namespace, rmeta.name)
                     } else {
                         format!("{}/{}/{}", rmeta.namespace, rmeta.name, rule.name)
                     };
-                    let compiled = Arc::new(compile_rule(
+                    let mut compiled = compile_rule(
                         &rule_id,
                         rule,
                         cid,
@@ -130,7 +165,9 @@ pub fn compile(
                         &mut budgets,
                         s,
                         metrics,
-                    )?);
+                    )?;
+                    compiled.limits = rule_limits.clone();
+                    let compiled = Arc::new(compiled);
                     let matches = if rule.matches.is_empty() {
                         vec![model::HttpRouteMatch::default()]
                     } else {
@@ -159,6 +196,7 @@ pub fn compile(
                     timeout: None,
                     per_try_timeout: None,
                     retry: None,
+                    limits: set(attached_to("Service", &id, "outbound")),
                 })
             });
             port_routes.push(PortRoutes {
@@ -190,6 +228,8 @@ pub fn compile(
         routes: table,
         clusters,
         budgets,
+        limits: limits.into_iter().map(|(k, (_, l))| (k, l)).collect(),
+        inbound_limits,
     })
 }
 
@@ -350,7 +390,100 @@ fn compile_rule(
         timeout,
         per_try_timeout,
         retry,
+        limits: None,
     })
+}
+
+/// (target kind, target `namespace/name`, direction)
+type Target = (String, String, String);
+
+/// Compiles every RateLimitPolicy limit, keeping the buckets of limits whose
+/// parameters did not change.
+fn compile_limits(
+    cfg: &Config,
+    prev: &Runtime,
+    s: &Settings,
+    metrics: &Metrics,
+) -> Result<HashMap<String, (Target, Arc<Limit>)>, String> {
+    let mut out = HashMap::new();
+    for p in &cfg.rate_limit_policies {
+        let pid = remora_proto::resource_id(p.metadata.as_ref());
+        let spec = p.spec.clone().unwrap_or_default();
+        let t = spec.target_ref.unwrap_or_default();
+        let target_id = format!("{}/{}", t.namespace, t.name);
+        for l in &spec.limits {
+            let per = match l.per.as_str() {
+                "minute" => Duration::from_secs(60),
+                "hour" => Duration::from_secs(3600),
+                _ => Duration::from_secs(1),
+            };
+            let key = if l.key.is_empty() {
+                vec![KeyPart::Total]
+            } else {
+                l.key
+                    .iter()
+                    .map(|k| {
+                        Ok(match k.r#type.as_str() {
+                            "ClientIdentity" => KeyPart::ClientIdentity,
+                            "SourceAddress" => KeyPart::SourceAddress,
+                            "Header" => KeyPart::Header(
+                                HeaderName::from_bytes(k.name.as_bytes())
+                                    .map_err(|e| e.to_string())?,
+                            ),
+                            _ => KeyPart::Total,
+                        })
+                    })
+                    .collect::<Result<_, String>>()?
+            };
+            // A mesh-wide limit is shared by the Service's live replicas:
+            // each enforces an equal share.
+            let share = if l.scope == "Mesh" {
+                cfg.services
+                    .iter()
+                    .find(|svc| remora_proto::resource_id(svc.metadata.as_ref()) == target_id)
+                    .and_then(|svc| svc.spec.as_ref())
+                    .map_or(1, |sp| sp.endpoints.len().max(1) as u32)
+            } else {
+                1
+            };
+            let params = LimitParams {
+                requests: l.requests,
+                per,
+                burst: l.burst.unwrap_or(l.requests),
+                key,
+                overrides: l
+                    .overrides
+                    .iter()
+                    .map(|o| (o.value.clone(), o.requests, o.burst.unwrap_or(o.requests)))
+                    .collect(),
+                share,
+                max_keys: s.ratelimit_max_keys,
+            };
+            let headers = spec.response_headers.unwrap_or(true);
+            let id = format!("{pid}/{}", l.name);
+            let limit = match prev.limits.get(&id) {
+                Some(old)
+                    if old.params == params
+                        && old.dry_run == spec.dry_run
+                        && old.headers == headers =>
+                {
+                    old.clone()
+                }
+                _ => Arc::new(Limit::new(
+                    &pid,
+                    &l.name,
+                    params,
+                    spec.dry_run,
+                    headers,
+                    metrics.decisions(&pid, &l.name),
+                    governor::clock::DefaultClock::default(),
+                )),
+            };
+            let target = (t.kind.clone(), target_id.clone(), spec.direction.clone());
+            out.insert(id, (target, limit));
+        }
+    }
+    Ok(out)
 }
 
 fn header_mod(h: &model::HttpHeaderFilter) -> Result<HeaderMod, String> {
@@ -444,6 +577,8 @@ mod tests {
                 window: Duration::from_secs(10),
             },
             max_route_rules: 100_000,
+            service: None,
+            ratelimit_max_keys: 1_000_000,
         }
     }
 

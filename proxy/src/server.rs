@@ -72,10 +72,12 @@ pub async fn serve_http(
         &proxy.metrics.clone(),
         &limits,
         life.clone(),
-        move |stream, _peer| {
+        move |stream, peer| {
             let (proxy, builder, shutdown) =
                 (proxy.clone(), builder.clone(), life.shutdown.clone());
-            async move { serve_http_conn(stream, direction, proxy, &builder, idle, shutdown).await }
+            async move {
+                serve_http_conn(stream, peer, direction, proxy, &builder, idle, shutdown).await
+            }
         },
     )
     .await
@@ -187,6 +189,7 @@ struct Activity {
 
 async fn serve_http_conn(
     stream: TcpStream,
+    peer: SocketAddr,
     direction: Direction,
     proxy: Arc<Proxy>,
     builder: &auto::Builder<TokioExecutor>,
@@ -202,8 +205,8 @@ async fn serve_http_conn(
         async move {
             act.inflight.fetch_add(1, Relaxed);
             let resp = match direction {
-                Direction::Outbound => proxy.outbound(req).await,
-                Direction::Inbound => proxy.inbound(req).await,
+                Direction::Outbound => proxy.outbound(req, peer.ip()).await,
+                Direction::Inbound => proxy.inbound(req, peer.ip()).await,
             };
             act.last_ms.store(crate::balance::now_ms(), Relaxed);
             act.inflight.fetch_sub(1, Relaxed);
