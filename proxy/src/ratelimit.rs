@@ -25,7 +25,14 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 use tracing::info;
 
-type Keyed<C> = RateLimiter<String, DashMapStateStore<String>, C, StateInformationMiddleware>;
+/// Buckets are keyed by a 64-bit hash of the key, seeded per limit (so
+/// callers cannot aim collisions): no allocation per check, and a key costs
+/// the same memory whatever its length.
+type Keyed<C> = RateLimiter<u64, DashMapStateStore<u64>, C, StateInformationMiddleware>;
+
+/// Checks between two looks at the live key count (counting locks every
+/// shard, too slow to do per request).
+const KEY_COUNT_EVERY: u64 = 1024;
 
 /// One part of a limit's key.
 #[derive(Clone, Debug, PartialEq)]
@@ -56,8 +63,12 @@ pub struct LimitParams {
 pub struct Verdict {
     pub limited: bool,
     pub retry_after: Duration,
-    /// `RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers).
-    pub headers: Option<(HeaderValue, HeaderValue)>,
+    /// Requests left in the bucket, and time until it is full again: what
+    /// the `RateLimit` header says (formatted only if it is sent).
+    pub remaining: u32,
+    pub reset: Duration,
+    /// The quota that answered when it was an override's.
+    pub quota: Option<Quota>,
 }
 
 /// Decision counters of one limit: allowed, limited, dry-run would-limit.
@@ -82,6 +93,13 @@ pub struct Limit<C: Clock = DefaultClock> {
     metrics: Decisions,
     last_log_ms: AtomicU64,
     unlogged: AtomicU64,
+    seed: std::collections::hash_map::RandomState,
+    checks: AtomicU64,
+    over_capacity: std::sync::atomic::AtomicBool,
+    /// `RateLimit-Policy` never changes for a limit: built once.
+    policy_header: HeaderValue,
+    /// `"name";r=` prefix of the `RateLimit` header.
+    state_prefix: String,
 }
 
 /// Divides `n` by the share, rounding up, at least 1.
@@ -118,6 +136,8 @@ impl<C: Clock + Clone> Limit<C> {
             .iter()
             .map(|(v, r, b)| (v.clone(), keyed(quota(*r, *b, params.per, params.share).0)))
             .collect();
+        let q_units = share_of(params.requests, params.share).get();
+        let w = params.per.as_secs().max(1);
         Limit {
             policy: policy.to_string(),
             name: name.to_string(),
@@ -130,6 +150,12 @@ impl<C: Clock + Clone> Limit<C> {
             metrics,
             last_log_ms: AtomicU64::new(0),
             unlogged: AtomicU64::new(0),
+            seed: Default::default(),
+            checks: AtomicU64::new(0),
+            over_capacity: Default::default(),
+            policy_header: HeaderValue::from_str(&format!("\"{name}\";q={q_units};w={w}"))
+                .unwrap_or(HeaderValue::from_static("")),
+            state_prefix: format!("\"{name}\";r="),
             params,
         }
     }
@@ -160,28 +186,23 @@ impl<C: Clock + Clone> Limit<C> {
 
     /// Takes one request from `key`'s bucket.
     pub fn check(&self, key: &str) -> Verdict {
-        let (limiter, requests) = match self.overrides.get(key) {
-            Some(l) => (
-                l,
-                self.params
-                    .overrides
-                    .iter()
-                    .find(|o| o.0 == key)
-                    .map_or(self.params.requests, |o| o.1),
-            ),
-            None => (&self.limiter, self.params.requests),
+        use std::hash::BuildHasher;
+        let (limiter, policy_header) = match self.overrides.get(key) {
+            Some(l) => (l, None),
+            None => (&self.limiter, Some(())),
         };
         // Past max_keys live keys, new keys share one bucket until idle keys
         // are evicted: memory stays bounded under a flood of keys.
-        let overflow = limiter.len() >= self.params.max_keys;
-        let result = if overflow {
-            limiter.check_key(&"\u{0}overflow".to_string())
+        if self.checks.fetch_add(1, Relaxed) % KEY_COUNT_EVERY == 0 {
+            self.over_capacity
+                .store(self.limiter.len() >= self.params.max_keys, Relaxed);
+        }
+        let hashed = if self.over_capacity.load(Relaxed) {
+            0
         } else {
-            limiter.check_key(&key.to_string())
+            self.seed.hash_one(key) | 1
         };
-        let q = share_of(requests, self.params.share).get();
-        let w = self.params.per.as_secs().max(1);
-        match result {
+        match limiter.check_key(&hashed) {
             Ok(state) => {
                 self.metrics.allowed.inc();
                 let remaining = state.remaining_burst_capacity();
@@ -190,9 +211,9 @@ impl<C: Clock + Clone> Limit<C> {
                 Verdict {
                     limited: false,
                     retry_after: Duration::ZERO,
-                    headers: self
-                        .headers
-                        .then(|| self.header_values(q, w, remaining, reset)),
+                    remaining,
+                    reset,
+                    quota: policy_header.is_none().then(|| state.quota()),
                 }
             }
             Err(not_until) => {
@@ -207,24 +228,37 @@ impl<C: Clock + Clone> Limit<C> {
                 Verdict {
                     limited: !self.dry_run,
                     retry_after: wait,
-                    headers: self.headers.then(|| self.header_values(q, w, 0, wait)),
+                    remaining: 0,
+                    reset: wait,
+                    quota: policy_header.is_none().then(|| not_until.quota()),
                 }
             }
         }
     }
 
-    fn header_values(
-        &self,
-        q: u32,
-        w: u64,
-        remaining: u32,
-        reset: Duration,
-    ) -> (HeaderValue, HeaderValue) {
+    /// `RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers)
+    /// for one of this limit's verdicts.
+    pub fn header_values(&self, v: &Verdict) -> (HeaderValue, HeaderValue) {
+        let (remaining, reset) = (v.remaining, v.reset);
         let t = reset.as_secs() + u64::from(reset.subsec_nanos() > 0);
-        let policy = format!("\"{}\";q={q};w={w}", self.name);
-        let state = format!("\"{}\";r={remaining};t={t}", self.name);
+        let policy = match v.quota {
+            None => self.policy_header.clone(),
+            Some(quota) => {
+                // An override's quota: rare, built when used.
+                let per = self.params.per;
+                let q = (per.as_nanos() / quota.replenish_interval().as_nanos().max(1)) as u64;
+                let v = format!("\"{}\";q={q};w={}", self.name, per.as_secs().max(1));
+                HeaderValue::from_str(&v).unwrap_or(HeaderValue::from_static(""))
+            }
+        };
+        let mut buf = itoa::Buffer::new();
+        let mut state = String::with_capacity(self.state_prefix.len() + 16);
+        state.push_str(&self.state_prefix);
+        state.push_str(buf.format(remaining));
+        state.push_str(";t=");
+        state.push_str(buf.format(t));
         (
-            HeaderValue::from_str(&policy).unwrap_or(HeaderValue::from_static("")),
+            policy,
             HeaderValue::from_str(&state).unwrap_or(HeaderValue::from_static("")),
         )
     }
@@ -290,38 +324,31 @@ impl LimiterSet {
         peer: Option<IpAddr>,
         identity: Option<&str>,
     ) -> Outcome {
-        let mut out = Outcome {
-            limited: None,
-            headers: None,
-        };
-        let mut tightest = u64::MAX;
+        let mut limited: Option<Duration> = None;
+        // The verdict whose headers the response carries: the refusing one,
+        // else the limit closest to refusing. Formatted once, at the end.
+        let mut shown: Option<(&Limit, Verdict)> = None;
         for l in &self.limits {
             let v = l.check(&l.key(headers, peer, identity));
             if v.limited {
-                let wait = out.limited.unwrap_or_default().max(v.retry_after);
-                out.limited = Some(wait);
-                out.headers = v.headers.or(out.headers);
-                tightest = 0;
-            } else if let Some(h) = v.headers {
-                // Prefer the limit closest to refusing.
-                let r = remaining_of(&h.1);
-                if r < tightest {
-                    tightest = r;
-                    out.headers = Some(h);
+                limited = Some(limited.unwrap_or_default().max(v.retry_after));
+                if l.headers {
+                    shown = Some((l, v));
                 }
+            } else if l.headers
+                && limited.is_none()
+                && shown
+                    .as_ref()
+                    .is_none_or(|(_, s)| v.remaining < s.remaining)
+            {
+                shown = Some((l, v));
             }
         }
-        out
+        Outcome {
+            limited,
+            headers: shown.map(|(l, v)| l.header_values(&v)),
+        }
     }
-}
-
-fn remaining_of(v: &HeaderValue) -> u64 {
-    v.to_str()
-        .ok()
-        .and_then(|s| s.split(";r=").nth(1))
-        .and_then(|s| s.split(';').next())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]
@@ -397,7 +424,7 @@ mod tests {
         let l = limit(1, 1, 1, &clock);
         let ok = l.check("a");
         assert!(!ok.limited);
-        let (policy, state) = ok.headers.unwrap();
+        let (policy, state) = l.header_values(&ok);
         assert_eq!(policy, "\"l\";q=1;w=1");
         assert_eq!(state, "\"l\";r=0;t=1");
         let no = l.check("a");
@@ -412,7 +439,10 @@ mod tests {
         for i in 0..5000 {
             l.check(&format!("k{i}"));
         }
-        assert!(l.live_keys() <= 1001, "{}", l.live_keys());
+        // The count is sampled every KEY_COUNT_EVERY checks: the bound holds
+        // to within one interval.
+        let bound = 1000 + KEY_COUNT_EVERY as usize + 1;
+        assert!(l.live_keys() <= bound, "{}", l.live_keys());
         clock.advance(Duration::from_secs(60));
         l.gc();
         assert_eq!(l.live_keys(), 0, "idle keys evicted");
