@@ -208,7 +208,11 @@ pub fn scope_config(cfg: &Config, service: &str) -> Config {
         .rate_limit_policies
         .iter()
         .filter(|p| {
-            let t = p.spec.as_ref().and_then(|s| s.target_ref.clone()).unwrap_or_default();
+            let t = p
+                .spec
+                .as_ref()
+                .and_then(|s| s.target_ref.clone())
+                .unwrap_or_default();
             let target = format!("{}/{}", t.namespace, t.name);
             match t.kind.as_str() {
                 "HTTPRoute" => route_ids.contains(&target),

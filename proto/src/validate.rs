@@ -214,7 +214,10 @@ impl Validator {
             .map(|r| crate::resource_id(r.metadata.as_ref()))
             .collect();
         for p in &cfg.rate_limit_policies {
-            self.resource = format!("RateLimitPolicy {}", crate::resource_id(p.metadata.as_ref()));
+            self.resource = format!(
+                "RateLimitPolicy {}",
+                crate::resource_id(p.metadata.as_ref())
+            );
             if !seen.insert(self.resource.clone()) {
                 self.err("metadata.name", "defined twice");
             }
@@ -235,9 +238,10 @@ impl Validator {
             "Service" if !services.contains_key(&target) => {
                 self.err("targetRef.name", format!("Service {target} is not defined"))
             }
-            "HTTPRoute" if !routes.contains(&target) => {
-                self.err("targetRef.name", format!("HTTPRoute {target} is not defined"))
-            }
+            "HTTPRoute" if !routes.contains(&target) => self.err(
+                "targetRef.name",
+                format!("HTTPRoute {target} is not defined"),
+            ),
             "Service" | "HTTPRoute" => {}
             other => self.err(
                 "targetRef.kind",
@@ -250,7 +254,10 @@ impl Validator {
                 "an HTTPRoute runs on the callers' proxies: only outbound applies",
             ),
             "inbound" | "outbound" => {}
-            other => self.err("direction", format!("{other:?} is not one of inbound, outbound")),
+            other => self.err(
+                "direction",
+                format!("{other:?} is not one of inbound, outbound"),
+            ),
         }
         if spec.limits.is_empty() {
             self.err("limits", "at least one limit is required");
@@ -267,7 +274,10 @@ impl Validator {
                 self.err(format!("{f}.requests"), "must be at least 1");
             }
             if !["second", "minute", "hour"].contains(&l.per.as_str()) {
-                self.err(format!("{f}.per"), format!("{:?} is not one of second, minute, hour", l.per));
+                self.err(
+                    format!("{f}.per"),
+                    format!("{:?} is not one of second, minute, hour", l.per),
+                );
             }
             if l.burst == Some(0) {
                 self.err(format!("{f}.burst"), "must be at least 1");
@@ -283,7 +293,9 @@ impl Validator {
                     }
                     other => self.err(
                         format!("{kf}.type"),
-                        format!("{other:?} is not one of Total, ClientIdentity, Header, SourceAddress"),
+                        format!(
+                            "{other:?} is not one of Total, ClientIdentity, Header, SourceAddress"
+                        ),
                     ),
                 }
             }
@@ -800,7 +812,10 @@ spec:
         )
         .unwrap();
         let spec = ok.rate_limit_policies[0].spec.as_ref().unwrap();
-        assert_eq!((spec.direction.as_str(), spec.limits[0].per.as_str()), ("inbound", "second"));
+        assert_eq!(
+            (spec.direction.as_str(), spec.limits[0].per.as_str()),
+            ("inbound", "second")
+        );
     }
 
     #[test]
