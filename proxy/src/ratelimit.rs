@@ -193,7 +193,11 @@ impl<C: Clock + Clone> Limit<C> {
         };
         // Past max_keys live keys, new keys share one bucket until idle keys
         // are evicted: memory stays bounded under a flood of keys.
-        if self.checks.fetch_add(1, Relaxed) % KEY_COUNT_EVERY == 0 {
+        if self
+            .checks
+            .fetch_add(1, Relaxed)
+            .is_multiple_of(KEY_COUNT_EVERY)
+        {
             self.over_capacity
                 .store(self.limiter.len() >= self.params.max_keys, Relaxed);
         }
