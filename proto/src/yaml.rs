@@ -81,7 +81,9 @@ fn add_yaml(cfg: &mut Config, text: &str, source: &str) -> Result<(), LoadError>
                 return Err(LoadError::Syntax {
                     source_name: source.to_string(),
                     doc: doc_no,
-                    message: format!("unknown kind {other:?} (expected Service, HTTPRoute or RateLimitPolicy)"),
+                    message: format!(
+                        "unknown kind {other:?} (expected Service, HTTPRoute or RateLimitPolicy)"
+                    ),
                 })
             }
         }

@@ -302,8 +302,7 @@ impl Proxy {
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let upgrade_proto = req.headers().get(header::UPGRADE).cloned();
         let (parts, body) = req.into_parts();
-        let head = Head::from_parts(parts);
-        let mut up = head.request(Body::Incoming(body), cluster);
+        let mut up = Head::from_parts(parts).into_request(Body::Incoming(body), cluster);
         if upgrade {
             // Hop-by-hop headers were stripped; an upgrade needs them back.
             up.headers_mut()
@@ -440,10 +439,22 @@ impl Head {
     /// A request for `cluster`, in the HTTP version it speaks. The URI gets
     /// its endpoint later, in `set_upstream_uri`.
     fn request(&self, body: Body, cluster: &Cluster) -> Request<Body> {
+        Head {
+            method: self.method.clone(),
+            path: self.path.clone(),
+            authority: self.authority.clone(),
+            headers: self.headers.clone(),
+        }
+        .into_request(body, cluster)
+    }
+
+    /// Like `request`, for a request sent once: moves the headers instead
+    /// of copying them.
+    fn into_request(self, body: Body, cluster: &Cluster) -> Request<Body> {
         let mut req = Request::new(body);
-        *req.method_mut() = self.method.clone();
-        *req.headers_mut() = self.headers.clone();
-        *req.uri_mut() = Uri::from(self.path.clone());
+        *req.method_mut() = self.method;
+        *req.headers_mut() = self.headers;
+        *req.uri_mut() = Uri::from(self.path);
         if cluster.protocol.is_h2() {
             *req.version_mut() = Version::HTTP_2;
         } else {
@@ -568,8 +579,10 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     ] {
         h.remove(name);
     }
-    h.remove("keep-alive");
-    h.remove("proxy-connection");
+    const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+    const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+    h.remove(KEEP_ALIVE);
+    h.remove(PROXY_CONNECTION);
     if h.get(header::TE).is_some_and(|v| v != "trailers") {
         h.remove(header::TE);
     }
