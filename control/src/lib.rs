@@ -1,16 +1,20 @@
 //! remora-control: the control plane. It keeps the mesh config as a
 //! versioned history (`store`), applies changes all or nothing (`mesh`),
 //! tracks registered instances and connected proxies, and streams each
-//! proxy the snapshot its scope needs (`grpc`).
+//! proxy the snapshot its scope needs (`grpc`). It is also the mesh's CA
+//! (`ca`), issuing proxies their workload certificates (`identity`).
 #![forbid(unsafe_code)]
 
+pub mod ca;
 pub mod grpc;
+pub mod identity;
 pub mod mesh;
 pub mod resources;
 pub mod store;
 
 use remora_proto::control::admin_server::AdminServer;
 use remora_proto::control::discovery_server::DiscoveryServer;
+use remora_proto::control::identity_server::IdentityServer;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,9 +23,11 @@ use std::time::Duration;
 /// Largest message accepted or sent (a big mesh's snapshot).
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
-/// Serves Discovery and Admin on one listener until `shutdown` resolves.
+/// Serves Discovery, Admin and Identity on one listener until `shutdown`
+/// resolves.
 pub async fn serve<S: store::Store>(
     mesh: Arc<mesh::Mesh<S>>,
+    identity: identity::IdentityService,
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
@@ -31,6 +37,7 @@ pub async fn serve<S: store::Store>(
     let admin = AdminServer::new(grpc::AdminService { mesh })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let identity = IdentityServer::new(identity);
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     tonic::transport::Server::builder()
         // Notice dead proxies (and let them notice us) without traffic.
@@ -39,6 +46,7 @@ pub async fn serve<S: store::Store>(
         .tcp_nodelay(true)
         .add_service(discovery)
         .add_service(admin)
+        .add_service(identity)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }

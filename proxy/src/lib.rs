@@ -8,6 +8,7 @@ pub mod body;
 pub mod cluster;
 pub mod discovery;
 pub mod error;
+pub mod identity;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;

@@ -8,6 +8,7 @@ use clap::Parser;
 use remora_proxy::balance::OutlierConfig;
 use remora_proxy::cluster::Protocol;
 use remora_proxy::discovery::DiscoveryConfig;
+use remora_proxy::identity::{CertStore, IdentityConfig};
 use remora_proxy::metrics::Metrics;
 use remora_proxy::pool::PoolConfig;
 use remora_proxy::proxy::{Direction, Inbound, Proxy};
@@ -71,6 +72,26 @@ struct Args {
     /// Longest wait between control-plane reconnects.
     #[arg(long, env = "REMORA_CONTROL_PLANE_MAX_BACKOFF", default_value = "10s", value_parser = duration)]
     control_plane_max_backoff: Duration,
+    /// File holding the bootstrap token presented to the control plane for
+    /// this proxy's identity certificate (read before each request). With
+    /// --control-plane, the proxy gets a certificate and renews it.
+    #[arg(long, env = "REMORA_BOOTSTRAP_TOKEN_FILE", requires = "control_plane")]
+    bootstrap_token_file: Option<PathBuf>,
+    /// Namespace of this proxy's identity (defaults to --namespace).
+    #[arg(
+        long,
+        env = "REMORA_IDENTITY_NAMESPACE",
+        requires = "bootstrap_token_file"
+    )]
+    identity_namespace: Option<String>,
+    /// Service account of this proxy's identity (defaults to the Service
+    /// name of --service, or "default").
+    #[arg(
+        long,
+        env = "REMORA_IDENTITY_SERVICE_ACCOUNT",
+        requires = "bootstrap_token_file"
+    )]
+    identity_service_account: Option<String>,
     /// Live keys per rate limit; past it, new keys share one overflow bucket
     /// until idle keys are evicted (every 10 s).
     #[arg(long, env = "REMORA_RATELIMIT_MAX_KEYS", default_value_t = 1_000_000)]
@@ -313,6 +334,13 @@ fn run(args: Args) -> Result<()> {
             last_version = v;
         }
     }
+    // Workload identity: a certificate from the control plane, renewed in
+    // the background. A bad flag fails here, before anything runs.
+    let identity = args
+        .bootstrap_token_file
+        .clone()
+        .map(|f| identity_config(&args, f))
+        .transpose()?;
     let ready = Arc::new(AtomicBool::new(
         discovery.is_none() || !last_version.is_empty(),
     ));
@@ -377,6 +405,17 @@ fn run(args: Args) -> Result<()> {
                 shutdown_rx.clone(),
                 last_version,
             )));
+        }
+        if let Some(cfg) = identity {
+            // Not used by the listeners yet: they will take it as their
+            // rustls certificate resolver when mTLS is on the data path.
+            let certs = CertStore::new();
+            tokio::spawn(remora_proxy::identity::run(
+                cfg,
+                certs,
+                metrics.clone(),
+                shutdown_rx.clone(),
+            ));
         }
         if let Some(path) = args.config.clone() {
             tokio::spawn(source::watch_file(path, args.config_poll_interval, proxy.clone(), settings, ready, fingerprint));
@@ -454,6 +493,29 @@ fn discovery_config(args: &Args, url: String) -> Result<DiscoveryConfig> {
         state_dir: Some(state_dir),
         max_backoff: args.control_plane_max_backoff,
     })
+}
+
+fn identity_config(args: &Args, token_file: PathBuf) -> Result<IdentityConfig> {
+    let service_name = args
+        .service
+        .as_deref()
+        .map(|s| s.rsplit('/').next().unwrap_or(s));
+    let cfg = IdentityConfig {
+        url: args.control_plane.clone().unwrap_or_default(),
+        namespace: args
+            .identity_namespace
+            .clone()
+            .unwrap_or_else(|| args.namespace.clone()),
+        service_account: args
+            .identity_service_account
+            .clone()
+            .or_else(|| service_name.map(str::to_string))
+            .unwrap_or_else(|| "default".to_string()),
+        token_file,
+        max_backoff: args.control_plane_max_backoff,
+    };
+    cfg.check().map_err(anyhow::Error::msg)?;
+    Ok(cfg)
 }
 
 /// Waits for SIGTERM, SIGINT or /shutdown, then raises the shutdown flag.

@@ -2,13 +2,16 @@
 //! pre-resolved handles (resolved when a config is compiled), so counting a
 //! request is a couple of atomic adds, never a label lookup.
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -87,6 +90,8 @@ pub struct Metrics {
     pub tcp_bytes: Family<ListenerLabels, Counter>,
     pub control_plane_connected: Gauge,
     pub ratelimit_decisions: Family<DecisionLabels, Counter>,
+    pub identity_cert_expiry: DeadlineGauge,
+    pub identity_rotations: Family<ResultLabels, Counter>,
 }
 
 impl Metrics {
@@ -177,6 +182,18 @@ impl Metrics {
             "Rate-limit decisions by policy, limit and result (allowed, limited, dry_run_limited)",
             ratelimit_decisions.clone(),
         );
+        let identity_cert_expiry = DeadlineGauge::default();
+        registry.register(
+            "identity_cert_expiry_seconds",
+            "Seconds until the proxy's identity certificate expires (no sample without one)",
+            identity_cert_expiry.clone(),
+        );
+        let identity_rotations = Family::default();
+        registry.register(
+            "identity_rotations",
+            "Identity certificate requests, the first and each renewal, by result (ok, error)",
+            identity_rotations.clone(),
+        );
         Arc::new(Metrics {
             registry,
             requests,
@@ -193,6 +210,8 @@ impl Metrics {
             tcp_bytes,
             control_plane_connected,
             ratelimit_decisions,
+            identity_cert_expiry,
+            identity_rotations,
         })
     }
 
@@ -264,5 +283,53 @@ impl RouteMetrics {
         let class = (status / 100).clamp(1, 5) as usize - 1;
         self.by_class[class].inc();
         self.duration.observe(elapsed.as_secs_f64());
+    }
+}
+
+/// A gauge of the seconds left until a deadline, computed when scraped so
+/// it counts down between updates. No sample while no deadline is set.
+#[derive(Clone, Debug, Default)]
+pub struct DeadlineGauge {
+    /// Milliseconds since the Unix epoch; 0 when unset.
+    at_ms: Arc<AtomicU64>,
+}
+
+impl DeadlineGauge {
+    pub fn set(&self, at: SystemTime) {
+        let ms = at
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        self.at_ms.store(ms.max(1), Relaxed);
+    }
+
+    pub fn clear(&self) {
+        self.at_ms.store(0, Relaxed);
+    }
+
+    /// Seconds until the deadline (0 once it has passed), if one is set.
+    pub fn seconds_left(&self) -> Option<f64> {
+        let at = self.at_ms.load(Relaxed);
+        if at == 0 {
+            return None;
+        }
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        Some(at.saturating_sub(now) as f64 / 1000.0)
+    }
+}
+
+impl EncodeMetric for DeadlineGauge {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        match self.seconds_left() {
+            Some(s) => encoder.encode_gauge(&s),
+            None => Ok(()),
+        }
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Gauge
     }
 }

@@ -19,6 +19,16 @@ impl ControlProcess {
     /// Starts remora-control on `addr` with `data` as its data directory and
     /// waits until it answers.
     pub async fn start_on(addr: SocketAddr, data: &TempDir, grace: &str) -> ControlProcess {
+        Self::start_with(addr, data, grace, &[]).await
+    }
+
+    /// As `start_on`, with more flags (e.g. `--bootstrap-token-file`).
+    pub async fn start_with(
+        addr: SocketAddr,
+        data: &TempDir,
+        grace: &str,
+        extra: &[&str],
+    ) -> ControlProcess {
         let mut child = Command::new(binary("remora-control"))
             .arg("--listen")
             .arg(addr.to_string())
@@ -26,6 +36,7 @@ impl ControlProcess {
             .arg(data.path())
             .arg("--registration-grace")
             .arg(grace)
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

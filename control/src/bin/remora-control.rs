@@ -3,11 +3,14 @@
 
 use anyhow::Context;
 use clap::Parser;
+use remora_control::ca::{self, Ca};
+use remora_control::identity::{FileTokenReviewer, IdentityService, TokenReviewer};
 use remora_control::{mesh::Mesh, serve, store::FileStore};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
-use tracing::info;
+use tracing::{info, warn};
 
 #[derive(Parser, Debug)]
 #[command(name = "remora-control", version, about = "Remora control plane")]
@@ -24,6 +27,32 @@ struct Args {
     /// Log format: text or json. Levels come from RUST_LOG (default info).
     #[arg(long, env = "REMORA_LOG_FORMAT", default_value = "text")]
     log_format: String,
+
+    /// Trust domain of the identities issued to proxies:
+    /// spiffe://<trust domain>/ns/<namespace>/sa/<service account>.
+    #[arg(long, env = "REMORA_TRUST_DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
+    /// Lifetime of the certificates issued to proxies (they renew at about
+    /// 70% of it).
+    #[arg(long, env = "REMORA_CERT_LIFETIME", default_value = "24h", value_parser = remora_proto::duration::parse)]
+    cert_lifetime: Duration,
+    /// The CA certificate (PEM) that signs proxies' certificates: a root, or
+    /// an intermediate with --ca-chain. Without it, a root generated at first
+    /// start is kept in <data-dir>/ca.
+    #[arg(long, env = "REMORA_CA_CERT", requires = "ca_key")]
+    ca_cert: Option<PathBuf>,
+    /// The private key of --ca-cert (PEM: PKCS#8, SEC1 or PKCS#1).
+    #[arg(long, env = "REMORA_CA_KEY", requires = "ca_cert")]
+    ca_key: Option<PathBuf>,
+    /// When --ca-cert is an intermediate: the certificates above it up to and
+    /// including the root (PEM). Every root here joins the trust bundle.
+    #[arg(long, env = "REMORA_CA_CHAIN", requires = "ca_cert")]
+    ca_chain: Option<PathBuf>,
+    /// File holding the token proxies present to get a certificate (read on
+    /// every request, so it can be replaced). Without it no certificate is
+    /// issued.
+    #[arg(long, env = "REMORA_BOOTSTRAP_TOKEN_FILE")]
+    bootstrap_token_file: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -43,13 +72,40 @@ async fn main() -> anyhow::Result<()> {
     let mesh = Mesh::open(store, args.registration_grace)
         .await
         .context("loading the config history")?;
+    let identity = identity(&args)?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
     info!(addr = ?remora_control::local(&listener), data_dir = %args.data_dir.display(), "control plane listening");
-    serve(mesh, listener, shutdown()).await?;
+    serve(mesh, identity, listener, shutdown()).await?;
     info!("stopped");
     Ok(())
+}
+
+/// The CA (the operator's, or the one kept in the data directory) and who
+/// may ask it for certificates.
+fn identity(args: &Args) -> anyhow::Result<IdentityService> {
+    let reviewer = match &args.bootstrap_token_file {
+        Some(path) => {
+            let r = FileTokenReviewer::open(path)
+                .map_err(|e| anyhow::anyhow!("--bootstrap-token-file: {e}"))?;
+            Some(Arc::new(r) as Arc<dyn TokenReviewer>)
+        }
+        None => {
+            warn!("no --bootstrap-token-file: proxies will be refused certificates");
+            None
+        }
+    };
+    let settings = ca::Settings {
+        trust_domain: args.trust_domain.clone(),
+        lifetime: args.cert_lifetime,
+    };
+    let ca = match (&args.ca_cert, &args.ca_key) {
+        (Some(cert), Some(key)) => Ca::from_files(cert, key, args.ca_chain.as_deref(), settings),
+        _ => Ca::open_or_create(&args.data_dir.join("ca"), settings),
+    }
+    .context("setting up the CA")?;
+    Ok(IdentityService::new(Arc::new(ca), reviewer))
 }
 
 async fn shutdown() {

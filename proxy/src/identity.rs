@@ -1,0 +1,708 @@
+//! The proxy's workload identity. At start the proxy makes its own key pair
+//! (ECDSA P-256; the private key never leaves the process), sends a CSR with
+//! its bootstrap token to the control plane's Identity service, and keeps
+//! the certificate chain, key and trust bundle in a `CertStore`. It renews
+//! at about 70% of the certificate's lifetime with a fresh key pair each
+//! time; while the control plane is unreachable it retries with backoff and
+//! keeps the current certificate until it expires.
+//!
+//! `CertStore` is what rustls asks for a certificate (`ResolvesServerCert`,
+//! `ResolvesClientCert`): each new handshake gets the newest certificate,
+//! and connections already open are untouched by a renewal.
+
+use crate::metrics::{Metrics, ResultLabels};
+use arc_swap::ArcSwapOption;
+use rcgen::{CertificateParams, DistinguishedName, KeyPair};
+use remora_proto::control::identity_client::IdentityClient;
+use remora_proto::control::{IssueRequest, IssueResponse};
+use rustls::client::ResolvesClientCert;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
+use rustls::server::{ClientHello, ParsedCertificate, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::{RootCertStore, SignatureScheme};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::watch;
+use tracing::{info, warn};
+use x509_parser::extensions::GeneralName;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+/// Renew at this fraction of the remaining lifetime, give or take
+/// `RENEW_JITTER`, so proxies started together do not renew together.
+const RENEW_AT: f64 = 0.7;
+const RENEW_JITTER: f64 = 0.05;
+/// Never renew sooner than this after an issuance.
+const MIN_RENEW_WAIT: Duration = Duration::from_millis(250);
+const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+
+/// Where to get a certificate and for whom.
+#[derive(Clone, Debug)]
+pub struct IdentityConfig {
+    /// The control plane URL (Identity is served next to Discovery).
+    pub url: String,
+    pub namespace: String,
+    pub service_account: String,
+    /// Read before each request: a projected token may be rotated.
+    pub token_file: PathBuf,
+    /// Longest wait between failed requests.
+    pub max_backoff: Duration,
+}
+
+impl IdentityConfig {
+    /// Fails fast on what no retry would fix: names that are not DNS labels,
+    /// a token file that cannot be read or is empty.
+    pub fn check(&self) -> Result<(), String> {
+        for (flag, v) in [
+            ("--identity-namespace", &self.namespace),
+            ("--identity-service-account", &self.service_account),
+        ] {
+            if !is_dns_label(v) {
+                return Err(format!(
+                    "{flag} {v:?}: expected a DNS label (lowercase letters, digits and '-', at most 63)"
+                ));
+            }
+        }
+        match std::fs::read_to_string(&self.token_file) {
+            Ok(t) if !t.trim().is_empty() => Ok(()),
+            Ok(_) => Err(format!(
+                "{}: the bootstrap token file is empty",
+                self.token_file.display()
+            )),
+            Err(e) => Err(format!("{}: {e}", self.token_file.display())),
+        }
+    }
+}
+
+fn is_dns_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("bootstrap token {path}: {message}")]
+    Token { path: String, message: String },
+    #[error("making a key pair: {0}")]
+    Key(#[from] rcgen::Error),
+    #[error("connecting to the control plane: {}", with_sources(.0))]
+    Connect(#[from] tonic::transport::Error),
+    #[error("control plane refused: {}: {}", code_name(.0.code()), .0.message())]
+    Refused(#[from] tonic::Status),
+    #[error("unusable certificate from the control plane: {0}")]
+    Invalid(String),
+}
+
+/// The certificate this proxy presents and the roots it trusts now.
+#[derive(Debug)]
+pub struct Credentials {
+    /// The chain (leaf first) and our private key, as rustls wants them.
+    pub key: Arc<CertifiedKey>,
+    /// The trust bundle: every root the mesh trusts now.
+    pub roots: Arc<RootCertStore>,
+    /// `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`
+    pub spiffe_id: String,
+    pub not_after: SystemTime,
+}
+
+/// The current credentials, swapped whole on renewal.
+#[derive(Debug, Default)]
+pub struct CertStore {
+    current: ArcSwapOption<Credentials>,
+}
+
+impl CertStore {
+    pub fn new() -> Arc<CertStore> {
+        Arc::new(CertStore::default())
+    }
+
+    pub fn current(&self) -> Option<Arc<Credentials>> {
+        self.current.load_full()
+    }
+
+    pub fn install(&self, c: Credentials) {
+        self.current.store(Some(Arc::new(c)));
+    }
+
+    pub fn clear(&self) {
+        self.current.store(None);
+    }
+
+    fn certified_key(&self) -> Option<Arc<CertifiedKey>> {
+        self.current.load().as_ref().map(|c| c.key.clone())
+    }
+}
+
+impl ResolvesServerCert for CertStore {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.certified_key()
+    }
+}
+
+impl ResolvesClientCert for CertStore {
+    fn resolve(&self, _: &[&[u8]], _: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        self.certified_key()
+    }
+
+    fn has_certs(&self) -> bool {
+        self.current.load().is_some()
+    }
+}
+
+/// A fresh ECDSA P-256 key pair and a CSR for it. The CSR names nothing:
+/// the control plane decides the name.
+pub fn new_key() -> Result<(KeyPair, String), rcgen::Error> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    let csr = params.serialize_request(&key)?.pem()?;
+    Ok((key, csr))
+}
+
+/// Checks what the control plane sent and turns it into credentials: the
+/// leaf certifies `key`, the chain leads to the trust bundle, and the leaf
+/// names the workload that was asked for.
+pub fn credentials(
+    key: &KeyPair,
+    resp: &IssueResponse,
+    namespace: &str,
+    service_account: &str,
+) -> Result<Credentials, IdentityError> {
+    let bad = |m: String| IdentityError::Invalid(m);
+    let chain = CertificateDer::pem_slice_iter(resp.cert_chain_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(format!("certificate chain: {e}")))?;
+    let Some(leaf) = chain.first() else {
+        return Err(bad("no certificate in the chain".into()));
+    };
+    let mut roots = RootCertStore::empty();
+    for root in CertificateDer::pem_slice_iter(resp.trust_bundle_pem.as_bytes()) {
+        let root = root.map_err(|e| bad(format!("trust bundle: {e}")))?;
+        roots
+            .add(root)
+            .map_err(|e| bad(format!("trust bundle: {e}")))?;
+    }
+    if roots.is_empty() {
+        return Err(bad("empty trust bundle".into()));
+    }
+
+    let provider = rustls::crypto::aws_lc_rs::default_provider();
+    let parsed = ParsedCertificate::try_from(leaf).map_err(|e| bad(e.to_string()))?;
+    rustls::client::verify_server_cert_signed_by_trust_anchor(
+        &parsed,
+        &roots,
+        &chain[1..],
+        UnixTime::now(),
+        provider.signature_verification_algorithms.all,
+    )
+    .map_err(|e| bad(format!("does not chain to the trust bundle: {e}")))?;
+
+    let (spiffe_id, not_after) = leaf_identity(leaf).map_err(bad)?;
+    // The trust domain is the control plane's to choose; the path is ours.
+    let path = spiffe_id
+        .strip_prefix("spiffe://")
+        .and_then(|rest| rest.split_once('/'))
+        .map(|(_, path)| path);
+    if path != Some(&format!("ns/{namespace}/sa/{service_account}")) {
+        return Err(bad(format!(
+            "names {spiffe_id}, not spiffe://*/ns/{namespace}/sa/{service_account}"
+        )));
+    }
+
+    let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    let signer = rustls::crypto::aws_lc_rs::sign::any_supported_type(&der)
+        .map_err(|e| bad(e.to_string()))?;
+    let certified = CertifiedKey::new(chain, signer);
+    certified
+        .keys_match()
+        .map_err(|e| bad(format!("not for our key: {e}")))?;
+    Ok(Credentials {
+        key: Arc::new(certified),
+        roots: Arc::new(roots),
+        spiffe_id,
+        not_after,
+    })
+}
+
+/// The SPIFFE ID (the one URI SAN) and expiry of a certificate.
+pub fn leaf_identity(der: &CertificateDer<'_>) -> Result<(String, SystemTime), String> {
+    let (_, cert) = X509Certificate::from_der(der).map_err(|e| e.to_string())?;
+    let sans = cert
+        .subject_alternative_name()
+        .map_err(|e| e.to_string())?
+        .map(|s| s.value.general_names.clone())
+        .unwrap_or_default();
+    let uris: Vec<&str> = sans
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::URI(u) => Some(*u),
+            _ => None,
+        })
+        .collect();
+    let [uri] = uris[..] else {
+        return Err(format!("{} URI SANs, expected one SPIFFE ID", uris.len()));
+    };
+    if !uri.starts_with("spiffe://") {
+        return Err(format!("URI SAN {uri:?} is not a SPIFFE ID"));
+    }
+    let secs = u64::try_from(cert.validity().not_after.timestamp()).unwrap_or(0);
+    Ok((uri.to_string(), UNIX_EPOCH + Duration::from_secs(secs)))
+}
+
+/// One request: a fresh key pair, its CSR, the checked answer.
+pub async fn fetch(cfg: &IdentityConfig) -> Result<Credentials, IdentityError> {
+    let token_err = |message: String| IdentityError::Token {
+        path: cfg.token_file.display().to_string(),
+        message,
+    };
+    let token = tokio::fs::read_to_string(&cfg.token_file)
+        .await
+        .map_err(|e| token_err(e.to_string()))?;
+    let (key, csr_pem) = new_key()?;
+    let channel = tonic::transport::Endpoint::from_shared(cfg.url.clone())?
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await?;
+    let resp = IdentityClient::new(channel)
+        .issue(IssueRequest {
+            csr_pem,
+            namespace: cfg.namespace.clone(),
+            service_account: cfg.service_account.clone(),
+            bootstrap_token: token.trim().to_string(),
+        })
+        .await?
+        .into_inner();
+    credentials(&key, &resp, &cfg.namespace, &cfg.service_account)
+}
+
+/// Runs until shutdown: get a certificate, renew it at about 70% of its
+/// lifetime, retry with backoff and jitter on failure.
+pub async fn run(
+    cfg: IdentityConfig,
+    store: Arc<CertStore>,
+    metrics: Arc<Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let counter = |result| {
+        metrics
+            .identity_rotations
+            .get_or_create_owned(&ResultLabels { result })
+    };
+    let (ok, failed) = (counter("ok"), counter("error"));
+    let expiry = metrics.identity_cert_expiry.clone();
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        let wait = match fetch(&cfg).await {
+            Ok(creds) => {
+                ok.inc();
+                backoff = FIRST_BACKOFF;
+                let left = creds
+                    .not_after
+                    .duration_since(SystemTime::now())
+                    .unwrap_or_default();
+                let share = RENEW_AT + RENEW_JITTER * (2.0 * fastrand::f64() - 1.0);
+                let renew_in = left.mul_f64(share).max(MIN_RENEW_WAIT);
+                info!(
+                    identity = %creds.spiffe_id,
+                    not_after_unix = unix(creds.not_after),
+                    renew_in = ?renew_in,
+                    "identity certificate installed"
+                );
+                expiry.set(creds.not_after);
+                store.install(creds);
+                renew_in
+            }
+            Err(e) => {
+                failed.inc();
+                let wait = backoff.mul_f64(0.5 + fastrand::f64() / 2.0);
+                backoff = (backoff * 2).min(cfg.max_backoff);
+                let now = SystemTime::now();
+                match store.current() {
+                    Some(c) if c.not_after > now => {
+                        let left = c.not_after.duration_since(now).unwrap_or_default();
+                        warn!(error = %e, url = %cfg.url, identity = %c.spiffe_id, expires_in = ?left,
+                            "identity certificate renewal failed; keeping the current certificate");
+                        // Wake at expiry at the latest, to drop it on time.
+                        wait.min(left)
+                    }
+                    Some(c) => {
+                        store.clear();
+                        expiry.clear();
+                        warn!(error = %e, url = %cfg.url, identity = %c.spiffe_id,
+                            "identity certificate expired and could not be renewed: no identity until the control plane issues one");
+                        wait
+                    }
+                    None => {
+                        warn!(error = %e, url = %cfg.url, "identity certificate request failed");
+                        wait
+                    }
+                }
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// An error and its causes on one line ("transport error" alone says little).
+fn with_sources(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The canonical gRPC name of a status code, as it appears in logs.
+fn code_name(c: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match c {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{
+        BasicConstraints, CertificateSigningRequestParams, CertifiedIssuer,
+        ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose, SanType,
+    };
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+    use rustls::pki_types::ServerName;
+    use rustls::server::WebPkiClientVerifier;
+    use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, ServerConfig};
+    use rustls::{ServerConnection, StreamOwned};
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+
+    /// A CA like the control plane's, made here so the proxy's tests need
+    /// no control plane.
+    struct TestCa(CertifiedIssuer<'static, KeyPair>);
+
+    impl TestCa {
+        fn new() -> TestCa {
+            let mut p = CertificateParams::default();
+            p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+            p.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+            TestCa(CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap())
+        }
+
+        /// Signs the CSR's key for `spiffe_id`, as Identity.Issue does.
+        fn sign(&self, csr_pem: &str, spiffe_id: &str) -> IssueResponse {
+            let csr = CertificateSigningRequestParams::from_pem(csr_pem).unwrap();
+            let mut p = CertificateParams::default();
+            p.distinguished_name = DistinguishedName::new();
+            p.subject_alt_names = vec![SanType::URI(spiffe_id.try_into().unwrap())];
+            p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+            p.extended_key_usages = vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ];
+            let leaf = p.signed_by(&csr.public_key, &self.0).unwrap();
+            IssueResponse {
+                cert_chain_pem: leaf.pem(),
+                trust_bundle_pem: self.0.pem(),
+                not_after_unix: 0,
+            }
+        }
+
+        /// Credentials for `ns`/`sa` through the proxy's own checks.
+        fn issue(&self, ns: &str, sa: &str) -> Credentials {
+            let (key, csr) = new_key().unwrap();
+            let resp = self.sign(&csr, &format!("spiffe://mesh.test/ns/{ns}/sa/{sa}"));
+            credentials(&key, &resp, ns, sa).unwrap()
+        }
+    }
+
+    /// What outbound mTLS will do: verify the chain against the trust
+    /// bundle, then require one SPIFFE ID instead of a DNS name.
+    #[derive(Debug)]
+    struct SpiffeVerifier {
+        roots: Arc<RootCertStore>,
+        expect: String,
+        algs: WebPkiSupportedAlgorithms,
+    }
+
+    impl ServerCertVerifier for SpiffeVerifier {
+        fn verify_server_cert(
+            &self,
+            end_entity: &CertificateDer<'_>,
+            intermediates: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            now: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            let cert = ParsedCertificate::try_from(end_entity)?;
+            rustls::client::verify_server_cert_signed_by_trust_anchor(
+                &cert,
+                &self.roots,
+                intermediates,
+                now,
+                self.algs.all,
+            )?;
+            match leaf_identity(end_entity) {
+                Ok((id, _)) if id == self.expect => Ok(ServerCertVerified::assertion()),
+                _ => Err(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::ApplicationVerificationFailure,
+                )),
+            }
+        }
+
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.algs.supported_schemes()
+        }
+    }
+
+    fn provider() -> Arc<CryptoProvider> {
+        Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+    }
+
+    fn server_config(store: Arc<CertStore>, roots: Arc<RootCertStore>) -> Arc<ServerConfig> {
+        let clients = WebPkiClientVerifier::builder_with_provider(roots, provider())
+            .build()
+            .unwrap();
+        let cfg = ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_client_cert_verifier(clients)
+            .with_cert_resolver(store);
+        Arc::new(cfg)
+    }
+
+    fn client_config(
+        store: Arc<CertStore>,
+        roots: Arc<RootCertStore>,
+        expect: &str,
+    ) -> Arc<ClientConfig> {
+        let p = provider();
+        let verifier = SpiffeVerifier {
+            roots,
+            expect: expect.to_string(),
+            algs: p.signature_verification_algorithms,
+        };
+        let mut cfg = ClientConfig::builder_with_provider(p)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_client_cert_resolver(store);
+        // Full handshakes only: a resumed session sends no certificate and
+        // keeps the identities of the handshake it resumes.
+        cfg.resumption = rustls::client::Resumption::disabled();
+        Arc::new(cfg)
+    }
+
+    struct Handshake {
+        /// The leaf the client saw.
+        server_leaf: CertificateDer<'static>,
+        /// The SPIFFE ID the server saw in the client's certificate.
+        client_id: String,
+        version: Option<rustls::ProtocolVersion>,
+    }
+
+    /// One connection over loopback: mutual TLS, then a byte each way.
+    fn handshake(
+        server: Arc<ServerConfig>,
+        client: Arc<ClientConfig>,
+    ) -> Result<Handshake, String> {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server_side = std::thread::spawn(move || -> Result<String, String> {
+            let (sock, _) = listener.accept().map_err(|e| e.to_string())?;
+            sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let conn = ServerConnection::new(server).map_err(|e| e.to_string())?;
+            let mut tls = StreamOwned::new(conn, sock);
+            let mut b = [0u8; 1];
+            tls.read_exact(&mut b).map_err(|e| e.to_string())?;
+            tls.write_all(b"!").map_err(|e| e.to_string())?;
+            tls.flush().map_err(|e| e.to_string())?;
+            let peer = tls
+                .conn
+                .peer_certificates()
+                .ok_or("no client certificate")?;
+            leaf_identity(&peer[0]).map(|(id, _)| id)
+        });
+        let sock = TcpStream::connect(addr).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let name = ServerName::try_from("shop.mesh.test").unwrap();
+        let conn = ClientConnection::new(client, name).unwrap();
+        let mut tls = StreamOwned::new(conn, sock);
+        let client_result = (|| {
+            tls.write_all(b"?")?;
+            tls.flush()?;
+            let mut b = [0u8; 1];
+            tls.read_exact(&mut b)
+        })();
+        let server_leaf = tls
+            .conn
+            .peer_certificates()
+            .map(|c| c[0].clone().into_owned());
+        let version = tls.conn.protocol_version();
+        drop(tls);
+        let client_id = server_side.join().unwrap();
+        client_result.map_err(|e| e.to_string())?;
+        Ok(Handshake {
+            server_leaf: server_leaf.ok_or("no server certificate")?,
+            client_id: client_id?,
+            version,
+        })
+    }
+
+    #[test]
+    fn mtls_handshake_uses_the_newest_certificate_and_checks_spiffe_ids() {
+        let ca = TestCa::new();
+        let (server_store, client_store) = (CertStore::new(), CertStore::new());
+        let first = ca.issue("shop", "api");
+        let roots = first.roots.clone();
+        let first_leaf = first.key.cert[0].clone();
+        server_store.install(first);
+        client_store.install(ca.issue("shop", "web"));
+        let server = server_config(server_store.clone(), roots.clone());
+        let client = client_config(
+            client_store.clone(),
+            roots.clone(),
+            "spiffe://mesh.test/ns/shop/sa/api",
+        );
+
+        let h = handshake(server.clone(), client.clone()).unwrap();
+        assert_eq!(h.version, Some(rustls::ProtocolVersion::TLSv1_3));
+        assert_eq!(h.server_leaf, first_leaf);
+        assert_eq!(h.client_id, "spiffe://mesh.test/ns/shop/sa/web");
+
+        // A renewal: the same configs, and the next handshake presents the new certificate.
+        let renewed = ca.issue("shop", "api");
+        let renewed_leaf = renewed.key.cert[0].clone();
+        assert_ne!(renewed_leaf, first_leaf);
+        server_store.install(renewed);
+        let h = handshake(server.clone(), client).unwrap();
+        assert_eq!(h.server_leaf, renewed_leaf);
+
+        // A client expecting another workload refuses this one.
+        let wrong = client_config(
+            client_store.clone(),
+            roots,
+            "spiffe://mesh.test/ns/shop/sa/db",
+        );
+        assert!(handshake(server.clone(), wrong).is_err());
+        // So does a client trusting another CA.
+        let other = TestCa::new().issue("x", "y").roots.clone();
+        let stranger = client_config(client_store, other, "spiffe://mesh.test/ns/shop/sa/api");
+        assert!(handshake(server, stranger).is_err());
+    }
+
+    #[test]
+    fn credentials_refuse_what_was_not_asked_for() {
+        let ca = TestCa::new();
+        let (key, csr) = new_key().unwrap();
+        let ok = ca.sign(&csr, "spiffe://mesh.test/ns/shop/sa/api");
+        let creds = credentials(&key, &ok, "shop", "api").unwrap();
+        assert_eq!(creds.spiffe_id, "spiffe://mesh.test/ns/shop/sa/api");
+
+        let other_name = ca.sign(&csr, "spiffe://mesh.test/ns/shop/sa/admin");
+        assert!(credentials(&key, &other_name, "shop", "api").is_err());
+        let nested = ca.sign(&csr, "spiffe://mesh.test/x/ns/shop/sa/api");
+        assert!(credentials(&key, &nested, "shop", "api").is_err());
+        let (other_key, _) = new_key().unwrap();
+        assert!(
+            credentials(&other_key, &ok, "shop", "api").is_err(),
+            "a certificate for another key"
+        );
+        let mut foreign = ok.clone();
+        foreign.trust_bundle_pem = TestCa::new().0.pem();
+        assert!(
+            credentials(&key, &foreign, "shop", "api").is_err(),
+            "another CA"
+        );
+        let mut empty = ok;
+        empty.trust_bundle_pem.clear();
+        assert!(credentials(&key, &empty, "shop", "api").is_err());
+    }
+
+    #[test]
+    fn store_resolves_nothing_until_installed_and_after_clear() {
+        let store = CertStore::new();
+        assert!(!store.has_certs());
+        assert!(ResolvesClientCert::resolve(&*store, &[], &[]).is_none());
+        store.install(TestCa::new().issue("default", "default"));
+        assert!(store.has_certs());
+        assert!(ResolvesClientCert::resolve(&*store, &[], &[]).is_some());
+        store.clear();
+        assert!(!store.has_certs());
+    }
+
+    #[test]
+    fn config_check_fails_fast() {
+        let dir = std::env::temp_dir().join(format!("remora-identity-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let token = dir.join("token");
+        std::fs::write(&token, "t\n").unwrap();
+        let cfg = |ns: &str, sa: &str, f: &std::path::Path| IdentityConfig {
+            url: "http://127.0.0.1:1".into(),
+            namespace: ns.into(),
+            service_account: sa.into(),
+            token_file: f.to_path_buf(),
+            max_backoff: Duration::from_secs(1),
+        };
+        assert!(cfg("shop", "api", &token).check().is_ok());
+        assert!(cfg("Shop", "api", &token).check().is_err());
+        assert!(cfg("shop", "", &token).check().is_err());
+        assert!(cfg("shop", "api", &dir.join("absent")).check().is_err());
+        std::fs::write(&token, "\n").unwrap();
+        assert!(cfg("shop", "api", &token).check().is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
