@@ -28,7 +28,38 @@ use tracing::info;
 /// Buckets are keyed by a 64-bit hash of the key, seeded per limit (so
 /// callers cannot aim collisions): no allocation per check, and a key costs
 /// the same memory whatever its length.
-type Keyed<C> = RateLimiter<u64, DashMapStateStore<u64>, C, StateInformationMiddleware>;
+type Keyed<C> =
+    RateLimiter<u64, DashMapStateStore<u64, PassThrough>, C, StateInformationMiddleware>;
+
+/// The map's hasher: the key already is a seeded 64-bit hash, so hashing it
+/// again (SipHash, the default) would only cost time.
+#[derive(Clone, Copy, Default)]
+pub struct PassThrough;
+
+impl std::hash::BuildHasher for PassThrough {
+    type Hasher = PassThroughHasher;
+    fn build_hasher(&self) -> PassThroughHasher {
+        PassThroughHasher(0)
+    }
+}
+
+#[derive(Default)]
+pub struct PassThroughHasher(u64);
+
+impl std::hash::Hasher for PassThroughHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only u64 keys reach this map; fold anything else in anyway.
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
 
 /// Checks between two looks at the live key count (counting locks every
 /// shard, too slow to do per request).
@@ -128,7 +159,7 @@ impl<C: Clock + Clone> Limit<C> {
     ) -> Limit<C> {
         let (q, period) = quota(params.requests, params.burst, params.per, params.share);
         let keyed = |q: Quota| {
-            RateLimiter::dashmap_with_clock(q, clock.clone())
+            RateLimiter::dashmap_with_clock_and_hasher(q, clock.clone(), PassThrough)
                 .with_middleware::<StateInformationMiddleware>()
         };
         let overrides = params
