@@ -92,9 +92,15 @@ impl State {
         (cfg, h.finish())
     }
 
+    fn version(&self) -> u64 {
+        self.history.last().map_or(0, |r| r.version)
+    }
+
     fn scope_of(&self, service: &str) -> String {
-        let (_, cfg) = self.current();
-        let calls = cfg.services.iter().any(|s| {
+        let Some(rev) = self.history.last() else {
+            return ALL.to_string();
+        };
+        let calls = rev.config.services.iter().any(|s| {
             s.metadata
                 .as_ref()
                 .is_some_and(|m| format!("{}/{}", m.namespace, m.name) == service)
@@ -110,7 +116,7 @@ impl State {
     /// Recomputes every scope's snapshot and publishes the ones that
     /// changed. Each is encoded once, whatever the number of subscribers.
     fn publish(&mut self) {
-        let (version, _) = self.current();
+        let version = self.version();
         let (cfg, fp) = self.effective();
         let snapshot_version = format!("{version}.{:08x}", fp as u32);
         for (scope, tx) in &self.scopes {
@@ -297,18 +303,19 @@ impl<S: Store> Mesh<S> {
             status.acked_version = last_version.to_string();
         }
         st.proxies.insert(node.to_string(), Proxy { status, conn });
-        match instance {
+        let changed = match instance {
             Some(i) if !service.is_empty() => {
-                st.instances
-                    .insert(node.to_string(), (service.to_string(), i));
+                let entry = (service.to_string(), i);
+                st.instances.insert(node.to_string(), entry.clone()) != Some(entry)
             }
-            _ => {
-                st.instances.remove(node);
-            }
-        }
+            _ => st.instances.remove(node).is_some(),
+        };
         let scope = st.scope_of(service);
         let rx = st.scope(&scope);
-        st.publish();
+        // Only a new or moved instance changes what anyone should see.
+        if changed {
+            st.publish();
+        }
         (rx, conn)
     }
 

@@ -63,9 +63,12 @@ impl DiscoveryConfig {
             Err(_) => None,
         }
     }
+}
 
-    fn save(&self, snap: &Snapshot) {
-        let Some(path) = self.lkg_path() else { return };
+/// Writes the last-known-good snapshot atomically (temp file, fsync, rename).
+fn save_snapshot(path: Option<PathBuf>, snap: &Snapshot) {
+    let Some(path) = path else { return };
+    {
         let write = || -> std::io::Result<()> {
             let dir = path.parent().unwrap_or(std::path::Path::new("."));
             std::fs::create_dir_all(dir)?;
@@ -132,7 +135,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 async fn session(
     cfg: &DiscoveryConfig,
-    proxy: &Proxy,
+    proxy: &Arc<Proxy>,
     settings: &Settings,
     ready: &AtomicBool,
     shutdown: &mut watch::Receiver<bool>,
@@ -167,13 +170,24 @@ async fn session(
                 let Some(snap) = msg? else { return Ok(()) };
                 *got_snapshot = true;
                 let version = snap.version.clone();
-                let result = Config::decode(snap.config.clone())
-                    .map_err(|e| format!("snapshot does not decode: {e}"))
-                    .and_then(|c| source::apply(proxy, settings, c, version.clone()));
+                // Decode, validate, compile, swap and the disk write run on
+                // the blocking pool: a big snapshot never stalls requests on
+                // the data-plane thread.
+                let (p, s, v, lkg) = (proxy.clone(), settings.clone(), version.clone(), cfg.lkg_path());
+                let result = tokio::task::spawn_blocking(move || {
+                    let r = Config::decode(snap.config.clone())
+                        .map_err(|e| format!("snapshot does not decode: {e}"))
+                        .and_then(|c| source::apply(&p, &s, c, v));
+                    if r.is_ok() {
+                        save_snapshot(lkg, &snap);
+                    }
+                    r
+                })
+                .await
+                .unwrap_or_else(|e| Err(format!("applying the snapshot failed: {e}")));
                 let error = match result {
                     Ok(()) => {
                         ready.store(true, Relaxed);
-                        cfg.save(&snap);
                         *last_version = version.clone();
                         String::new()
                     }

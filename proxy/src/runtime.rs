@@ -123,6 +123,26 @@ pub fn compile(
             .unwrap_or_default(),
     });
 
+    // Routes by the Services they attach to, built once: compiling is linear
+    // in routes, not Services × routes.
+    let mut routes_by_parent: HashMap<String, Vec<&model::HttpRoute>> = HashMap::new();
+    for r in &cfg.http_routes {
+        let mut parents: Vec<String> = r
+            .spec
+            .iter()
+            .flat_map(|s| {
+                s.parent_refs
+                    .iter()
+                    .map(|p| format!("{}/{}", p.namespace, p.name))
+            })
+            .collect();
+        parents.sort();
+        parents.dedup();
+        for p in parents {
+            routes_by_parent.entry(p).or_default().push(r);
+        }
+    }
+
     let mut budgets = HashMap::new();
     let mut table = RouteTable::default();
     for svc in &cfg.services {
@@ -133,9 +153,11 @@ pub fn compile(
         for (port, cid) in ports.get(&id).into_iter().flatten() {
             let mut entries = Vec::new();
             let mut attached = false;
-            for route in &cfg.http_routes {
-                let rmeta = route.metadata.clone().unwrap_or_default();
-                let spec = route.spec.clone().unwrap_or_default();
+            for route in routes_by_parent.get(&id).into_iter().flatten() {
+                let (Some(rmeta), Some(spec)) = (route.metadata.as_ref(), route.spec.as_ref())
+                else {
+                    continue;
+                };
                 let applies = spec.parent_refs.iter().any(|p| {
                     p.namespace == meta.namespace
                         && p.name == meta.name

@@ -145,7 +145,12 @@ pub async fn watch_file(
         if last == Some(fp) || last_bad == Some(fp) {
             continue;
         }
-        match apply(&proxy, &settings, cfg, file_version(fp)) {
+        // Validate, compile and swap off the data-plane thread.
+        let (p, s) = (proxy.clone(), settings.clone());
+        let applied = tokio::task::spawn_blocking(move || apply(&p, &s, cfg, file_version(fp)))
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+        match applied {
             Ok(()) => {
                 last = Some(fp);
                 last_bad = None;

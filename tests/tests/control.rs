@@ -541,3 +541,34 @@ async fn a_stuck_subscriber_never_delays_the_others() {
     );
     assert!(stuck.connected);
 }
+
+#[tokio::test]
+async fn sigterm_stops_the_control_plane_even_with_streams_open() {
+    let (blue, green) = (
+        Upstream::start("blue", Behavior::Demo).await,
+        Upstream::start("green", Behavior::Demo).await,
+    );
+    let (data, state) = (TempDir::new("cp-data"), TempDir::new("cp-state"));
+    let mut cp = ControlProcess::start(&data).await;
+    cp.apply(&mesh(&blue, &green, "blue")).await.unwrap();
+    let p = proxy(&cp, "p", &state, &[]).await;
+    all_acked(&cp, 1).await;
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &cp.child.id().to_string()])
+        .status();
+    let child = &mut cp.child;
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the control plane did not stop"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "{status:?}");
+    // The proxy keeps serving without it.
+    assert_eq!(served_by(&p).await, "blue");
+}

@@ -77,7 +77,25 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
     info!(addr = ?remora_control::local(&listener), data_dir = %args.data_dir.display(), "control plane listening");
-    serve(mesh, identity, listener, shutdown()).await?;
+    // Graceful shutdown waits for open streams, and a proxy's Discovery
+    // stream never ends by itself: after a short grace, close them (the
+    // proxies keep serving and reconnect, to this or another replica).
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown().await;
+        let _ = stop_tx.send(true);
+    });
+    let (mut graceful, mut forced) = (stop_rx.clone(), stop_rx);
+    let graceful = async move {
+        let _ = graceful.wait_for(|stop| *stop).await;
+    };
+    tokio::select! {
+        served = serve(mesh, identity, listener, graceful) => served?,
+        _ = async {
+            let _ = forced.wait_for(|stop| *stop).await;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        } => info!("closed the remaining Discovery streams"),
+    }
     info!("stopped");
     Ok(())
 }
