@@ -49,7 +49,7 @@ pub fn apply(
     match result {
         Ok(rt) => {
             let (services, routes) = (rt.config.services.len(), rt.config.http_routes.len());
-            proxy.runtime.store(Arc::new(rt));
+            retire(proxy.runtime.swap(Arc::new(rt)));
             m.config_reloads
                 .get_or_create(&ResultLabels { result: "applied" })
                 .inc();
@@ -70,6 +70,26 @@ pub fn apply(
             error!(%version, running_version = %running, error = %e, "config rejected; the running config stays");
             Err(e)
         }
+    }
+}
+
+/// Drops a replaced runtime on a thread of its own once the requests still
+/// running on it are done. Freeing a big runtime (thousands of routes and
+/// clusters) takes milliseconds; on the data-plane thread that would be a
+/// latency spike for every request behind it.
+fn retire(old: Arc<crate::runtime::Runtime>) {
+    let wait = move || {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Arc::strong_count(&old) > 1 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        drop(old);
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("remora-retire".into())
+        .spawn(wait)
+    {
+        tracing::warn!(error = %e, "could not start a thread to free the old config");
     }
 }
 
