@@ -444,3 +444,61 @@ async fn mesh_wide_limit_is_shared_by_replicas_and_rebalanced_when_one_dies() {
         "two replicas admitted {ok} in {secs:.1}s, expected ~{expected:.0}"
     );
 }
+
+#[tokio::test]
+async fn route_and_outbound_policies_are_enforced_on_the_callers_proxy() {
+    let app = Upstream::start("api", Behavior::Demo).await;
+    let dir = TempDir::new("rl-outbound");
+    // An HTTPRoute policy for /slow, and an outbound policy on the Service.
+    let cfg = dir.write(
+        "mesh.yaml",
+        &format!(
+            "{}---\n\
+             kind: HTTPRoute\nmetadata: {{name: api}}\nspec:\n  parentRefs: [{{name: api}}]\n  rules:\n  \
+             - matches: [{{path: {{type: PathPrefix, value: /slow}}}}]\n  - matches: [{{path: {{type: PathPrefix, value: /}}}}]\n---\n\
+             kind: RateLimitPolicy\nmetadata: {{name: route}}\nspec:\n  targetRef: {{kind: HTTPRoute, name: api}}\n  \
+             limits: [{{name: route-total, requests: 2, per: minute}}]\n---\n\
+             kind: RateLimitPolicy\nmetadata: {{name: calls}}\nspec:\n  targetRef: {{kind: Service, name: api}}\n  direction: outbound\n  \
+             limits: [{{name: per-caller, requests: 4, per: minute, key: [{{type: SourceAddress}}]}}]\n",
+            service_yaml("api", 80, "http", &[app.addr])
+        ),
+    );
+    let proxy = ProxyBuilder::new().config(&cfg).start().await;
+    let c = http1_client();
+    let o = proxy.outbound;
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        statuses.push(get_via(&c, o, "api", "/slow").await.unwrap().status);
+    }
+    // The route allows 2 a minute; the outbound Service limit 4.
+    assert_eq!(statuses, [200, 200, 429, 429, 429]);
+    // The inbound side knows nothing of outbound policies.
+    let direct = get_via(&c, proxy.inbound, "api", "/").await.unwrap();
+    assert_ne!(direct.status, 429);
+    let m = proxy.metrics().await;
+    assert_eq!(
+        sum_metric(
+            &m,
+            "remora_ratelimit_decisions_total",
+            &["policy=\"default/route\"", "result=\"limited\""]
+        ),
+        3.0
+    );
+    // The outbound Service policy saw every call too: 4 allowed, the 5th over.
+    assert_eq!(
+        sum_metric(
+            &m,
+            "remora_ratelimit_decisions_total",
+            &["policy=\"default/calls\"", "result=\"allowed\""]
+        ),
+        4.0
+    );
+    assert_eq!(
+        sum_metric(
+            &m,
+            "remora_ratelimit_decisions_total",
+            &["policy=\"default/calls\"", "result=\"limited\""]
+        ),
+        1.0
+    );
+}
