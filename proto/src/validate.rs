@@ -411,9 +411,8 @@ impl Validator {
                 let bf = format!("{f}.backendRefs[{b}]");
                 self.backend(&bf, backend, services);
             }
-            let mut request = None;
             if let Some(t) = &rule.timeouts {
-                request = self.duration(&format!("{f}.timeouts.request"), &t.request);
+                let request = self.duration(&format!("{f}.timeouts.request"), &t.request);
                 let per_try =
                     self.duration(&format!("{f}.timeouts.backendRequest"), &t.backend_request);
                 if let (Some(req), Some(try_)) = (request, per_try) {
@@ -425,7 +424,6 @@ impl Validator {
                     }
                 }
             }
-            let _ = request;
             if let Some(retry) = &rule.retry {
                 self.retry(&format!("{f}.retry"), retry);
             }

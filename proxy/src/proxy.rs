@@ -116,25 +116,20 @@ impl Proxy {
             .limits
             .as_ref()
             .map(|l| l.check(req.headers(), Some(peer), None));
-        let resp = match limited {
-            Some(RateOutcome {
-                limited: Some(wait),
-                headers,
-            }) => self.rate_limited(Direction::Outbound, wait, headers, grpc),
-            other => {
-                let mut resp = match self.forward(&rule, &backend.cluster, req).await {
-                    Ok(mut resp) => {
-                        if let Some(h) = &rule.response_headers {
-                            h.apply(resp.headers_mut());
-                        }
-                        resp
+        let send = async {
+            match self.forward(&rule, &backend.cluster, req).await {
+                Ok(mut resp) => {
+                    if let Some(h) = &rule.response_headers {
+                        h.apply(resp.headers_mut());
                     }
-                    Err(e) => self.fail(Direction::Outbound, e, grpc),
-                };
-                add_rate_headers(&mut resp, other.and_then(|o| o.headers));
-                resp
+                    resp
+                }
+                Err(e) => self.fail(Direction::Outbound, e, grpc),
             }
         };
+        let resp = self
+            .within_limits(Direction::Outbound, limited, grpc, send)
+            .await;
         backend
             .metrics
             .record(resp.status().as_u16(), start.elapsed());
@@ -160,24 +155,19 @@ impl Proxy {
         let outcome = (!rt.inbound_limits.is_empty())
             .then(|| rt.inbound_limits.check(req.headers(), Some(peer), None));
         drop(rt);
-        let resp = match outcome {
-            Some(RateOutcome {
-                limited: Some(wait),
-                headers,
-            }) => self.rate_limited(Direction::Inbound, wait, headers, grpc),
-            other => {
-                let upgrade = is_upgrade(&req);
-                let sent = self
-                    .send_streaming(&inbound.cluster, req, None, upgrade)
-                    .await;
-                let mut resp = match sent {
-                    Ok(resp) => resp,
-                    Err(e) => self.fail(Direction::Inbound, e, grpc),
-                };
-                add_rate_headers(&mut resp, other.and_then(|o| o.headers));
-                resp
+        let upgrade = is_upgrade(&req);
+        let send = async {
+            match self
+                .send_streaming(&inbound.cluster, req, None, upgrade)
+                .await
+            {
+                Ok(resp) => resp,
+                Err(e) => self.fail(Direction::Inbound, e, grpc),
             }
         };
+        let resp = self
+            .within_limits(Direction::Inbound, outcome, grpc, send)
+            .await;
         inbound
             .metrics
             .record(resp.status().as_u16(), start.elapsed());
@@ -186,6 +176,28 @@ impl Proxy {
                 status = resp.status().as_u16(), micros = start.elapsed().as_micros() as u64);
         }
         resp
+    }
+
+    /// Sends the request unless a rate limit refused it; either way the
+    /// response carries the RateLimit headers of the limits that applied.
+    async fn within_limits(
+        &self,
+        dir: Direction,
+        outcome: Option<RateOutcome>,
+        grpc: bool,
+        send: impl std::future::Future<Output = Response<Body>>,
+    ) -> Response<Body> {
+        match outcome {
+            Some(RateOutcome {
+                limited: Some(wait),
+                headers,
+            }) => self.rate_limited(dir, wait, headers, grpc),
+            other => {
+                let mut resp = send.await;
+                add_rate_headers(&mut resp, other.and_then(|o| o.headers));
+                resp
+            }
+        }
     }
 
     /// 429 (gRPC: RESOURCE_EXHAUSTED) with Retry-After and the RateLimit

@@ -218,9 +218,9 @@ impl<C: Clock + Clone> Limit<C> {
     /// Takes one request from `key`'s bucket.
     pub fn check(&self, key: &str) -> Verdict {
         use std::hash::BuildHasher;
-        let (limiter, policy_header) = match self.overrides.get(key) {
-            Some(l) => (l, None),
-            None => (&self.limiter, Some(())),
+        let (limiter, is_override) = match self.overrides.get(key) {
+            Some(l) => (l, true),
+            None => (&self.limiter, false),
         };
         // Past max_keys live keys, new keys share one bucket until idle keys
         // are evicted: memory stays bounded under a flood of keys.
@@ -248,7 +248,7 @@ impl<C: Clock + Clone> Limit<C> {
                     retry_after: Duration::ZERO,
                     remaining,
                     reset,
-                    quota: policy_header.is_none().then(|| state.quota()),
+                    quota: is_override.then(|| state.quota()),
                 }
             }
             Err(not_until) => {
@@ -265,7 +265,7 @@ impl<C: Clock + Clone> Limit<C> {
                     retry_after: wait,
                     remaining: 0,
                     reset: wait,
-                    quota: policy_header.is_none().then(|| not_until.quota()),
+                    quota: is_override.then(|| not_until.quota()),
                 }
             }
         }

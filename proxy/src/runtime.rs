@@ -38,6 +38,34 @@ pub struct Settings {
     pub ratelimit_max_keys: usize,
 }
 
+impl Default for Settings {
+    /// The same values as remora-proxy's flag defaults.
+    fn default() -> Settings {
+        Settings {
+            pool: PoolConfig {
+                connect_timeout: Duration::from_secs(1),
+                idle_timeout: Duration::from_secs(90),
+                max_connections: 1024,
+                max_pending: 1024,
+            },
+            outlier: OutlierConfig {
+                consecutive_failures: 5,
+                base_ejection: Duration::from_secs(10),
+                max_ejection: Duration::from_secs(300),
+            },
+            namespace: remora_proto::DEFAULT_NAMESPACE.into(),
+            default_budget: BudgetParams {
+                percent: 20.0,
+                min_per_sec: 10,
+                window: Duration::from_secs(10),
+            },
+            max_route_rules: 100_000,
+            service: None,
+            ratelimit_max_keys: 1_000_000,
+        }
+    }
+}
+
 pub struct Runtime {
     pub version: String,
     pub config: Arc<Config>,
@@ -579,31 +607,6 @@ fn compile_match(m: &model::HttpRouteMatch) -> Result<Matcher, String> {
 mod tests {
     use super::*;
 
-    fn settings() -> Settings {
-        Settings {
-            pool: PoolConfig {
-                connect_timeout: Duration::from_secs(1),
-                idle_timeout: Duration::from_secs(90),
-                max_connections: 10,
-                max_pending: 10,
-            },
-            outlier: OutlierConfig {
-                consecutive_failures: 5,
-                base_ejection: Duration::from_secs(10),
-                max_ejection: Duration::from_secs(300),
-            },
-            namespace: "default".into(),
-            default_budget: BudgetParams {
-                percent: 20.0,
-                min_per_sec: 10,
-                window: Duration::from_secs(10),
-            },
-            max_route_rules: 100_000,
-            service: None,
-            ratelimit_max_keys: 1_000_000,
-        }
-    }
-
     fn cfg(endpoints: &str, backoff: &str) -> Config {
         let yaml = format!(
             "kind: Service\nmetadata: {{name: a}}\nspec:\n  ports: [{{port: 80}}]\n  endpoints: [{endpoints}]\n---\n\
@@ -614,7 +617,7 @@ mod tests {
 
     #[tokio::test]
     async fn unchanged_state_survives_a_swap() {
-        let (s, m) = (settings(), Metrics::new());
+        let (s, m) = (Settings::default(), Metrics::new());
         let one = "{address: 127.0.0.1, port: 1001}";
         let two = "{address: 127.0.0.1, port: 1001}, {address: 127.0.0.1, port: 1002}";
         let v1 = compile(cfg(one, "10ms"), "1".into(), &Runtime::empty(), &s, &m).unwrap();
@@ -642,7 +645,7 @@ mod tests {
 
     #[tokio::test]
     async fn routes_resolve_by_short_and_qualified_names() {
-        let (s, m) = (settings(), Metrics::new());
+        let (s, m) = (Settings::default(), Metrics::new());
         let rt = compile(
             cfg("{address: 127.0.0.1, port: 1001}", "10ms"),
             "1".into(),

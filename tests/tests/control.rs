@@ -19,6 +19,13 @@ fn mesh(blue: &Upstream, green: &Upstream, backend: &str) -> String {
     )
 }
 
+async fn blue_green() -> (Upstream, Upstream) {
+    (
+        Upstream::start("blue", Behavior::Demo).await,
+        Upstream::start("green", Behavior::Demo).await,
+    )
+}
+
 async fn proxy(cp: &ControlProcess, node: &str, state: &TempDir, extra: &[&str]) -> ProxyProcess {
     let mut b = ProxyBuilder::new()
         .arg("--control-plane")
@@ -71,10 +78,7 @@ async fn all_acked(cp: &ControlProcess, n: usize) -> String {
 
 #[tokio::test]
 async fn apply_reaches_every_proxy_and_status_shows_their_acks() {
-    let (blue, green) = (
-        Upstream::start("blue", Behavior::Demo).await,
-        Upstream::start("green", Behavior::Demo).await,
-    );
+    let (blue, green) = blue_green().await;
     let (data, state) = (TempDir::new("cp-data"), TempDir::new("cp-state"));
     let cp = ControlProcess::start(&data).await;
     assert_eq!(cp.apply(&mesh(&blue, &green, "blue")).await.unwrap(), 1);
@@ -97,10 +101,7 @@ async fn apply_reaches_every_proxy_and_status_shows_their_acks() {
 
 #[tokio::test]
 async fn invalid_apply_is_refused_with_the_field_path_and_changes_nothing() {
-    let (blue, green) = (
-        Upstream::start("blue", Behavior::Demo).await,
-        Upstream::start("green", Behavior::Demo).await,
-    );
+    let (blue, green) = blue_green().await;
     let (data, state) = (TempDir::new("cp-data"), TempDir::new("cp-state"));
     let cp = ControlProcess::start(&data).await;
     cp.apply(&mesh(&blue, &green, "blue")).await.unwrap();
@@ -124,10 +125,7 @@ async fn invalid_apply_is_refused_with_the_field_path_and_changes_nothing() {
 
 #[tokio::test]
 async fn a_proxy_that_cannot_apply_nacks_and_keeps_serving() {
-    let (blue, green) = (
-        Upstream::start("blue", Behavior::Demo).await,
-        Upstream::start("green", Behavior::Demo).await,
-    );
+    let (blue, green) = blue_green().await;
     let (data, state) = (TempDir::new("cp-data"), TempDir::new("cp-state"));
     let cp = ControlProcess::start(&data).await;
     cp.apply(&mesh(&blue, &green, "blue")).await.unwrap();
@@ -191,10 +189,7 @@ async fn a_proxy_that_cannot_apply_nacks_and_keeps_serving() {
 
 #[tokio::test]
 async fn control_plane_outage_drops_nothing_and_restart_keeps_versions_and_history() {
-    let (blue, green) = (
-        Upstream::start("blue", Behavior::Demo).await,
-        Upstream::start("green", Behavior::Demo).await,
-    );
+    let (blue, green) = blue_green().await;
     let (data, state) = (TempDir::new("cp-data"), TempDir::new("cp-state"));
     let mut cp = ControlProcess::start(&data).await;
     cp.apply(&mesh(&blue, &green, "blue")).await.unwrap();
@@ -276,10 +271,7 @@ async fn control_plane_outage_drops_nothing_and_restart_keeps_versions_and_histo
 
 #[tokio::test]
 async fn a_proxy_restarted_during_an_outage_boots_from_its_last_known_good_copy() {
-    let (blue, green) = (
-        Upstream::start("blue", Behavior::Demo).await,
-        Upstream::start("green", Behavior::Demo).await,
-    );
+    let (blue, green) = blue_green().await;
     let (data, state) = (TempDir::new("cp-data"), TempDir::new("cp-state"));
     let mut cp = ControlProcess::start(&data).await;
     cp.apply(&mesh(&blue, &green, "green")).await.unwrap();
@@ -329,10 +321,7 @@ async fn without_a_kept_copy_a_proxy_is_not_ready_until_the_control_plane_answer
 
 #[tokio::test]
 async fn rollback_restores_earlier_routes_on_every_proxy() {
-    let (blue, green) = (
-        Upstream::start("blue", Behavior::Demo).await,
-        Upstream::start("green", Behavior::Demo).await,
-    );
+    let (blue, green) = blue_green().await;
     let (data, state) = (TempDir::new("cp-data"), TempDir::new("cp-state"));
     let cp = ControlProcess::start(&data).await;
     cp.apply(&mesh(&blue, &green, "blue")).await.unwrap();
@@ -479,10 +468,7 @@ async fn futures_util_join<const N: usize>(names: [&str; N]) -> Vec<Upstream> {
 async fn a_stuck_subscriber_never_delays_the_others() {
     use remora_proto::control::discovery_client::DiscoveryClient;
     use remora_proto::control::{discovery_request::Kind, DiscoveryRequest, Hello};
-    let (blue, green) = (
-        Upstream::start("blue", Behavior::Demo).await,
-        Upstream::start("green", Behavior::Demo).await,
-    );
+    let (blue, green) = blue_green().await;
     let (data, state) = (TempDir::new("cp-data"), TempDir::new("cp-state"));
     let cp = ControlProcess::start(&data).await;
     // A big config, so a few snapshots fill the stuck stream's HTTP/2 window.
@@ -544,10 +530,7 @@ async fn a_stuck_subscriber_never_delays_the_others() {
 
 #[tokio::test]
 async fn sigterm_stops_the_control_plane_even_with_streams_open() {
-    let (blue, green) = (
-        Upstream::start("blue", Behavior::Demo).await,
-        Upstream::start("green", Behavior::Demo).await,
-    );
+    let (blue, green) = blue_green().await;
     let (data, state) = (TempDir::new("cp-data"), TempDir::new("cp-state"));
     let mut cp = ControlProcess::start(&data).await;
     cp.apply(&mesh(&blue, &green, "blue")).await.unwrap();

@@ -1237,35 +1237,11 @@ async fn swap(a: SwapArgs) -> Result<()> {
 // ------------------------------------------------------------------ breakdown
 
 async fn breakdown(a: BreakdownArgs) -> Result<()> {
-    use remora_proxy::balance::OutlierConfig;
     use remora_proxy::metrics::Metrics;
-    use remora_proxy::pool::PoolConfig;
-    use remora_proxy::retry::BudgetParams;
     use remora_proxy::runtime::{compile, Runtime, Settings};
 
     // The proxy's defaults (remora-proxy --help).
-    let settings = Settings {
-        pool: PoolConfig {
-            connect_timeout: Duration::from_secs(1),
-            idle_timeout: Duration::from_secs(90),
-            max_connections: 1024,
-            max_pending: 1024,
-        },
-        outlier: OutlierConfig {
-            consecutive_failures: 5,
-            base_ejection: Duration::from_secs(10),
-            max_ejection: Duration::from_secs(300),
-        },
-        namespace: "default".into(),
-        default_budget: BudgetParams {
-            percent: 20.0,
-            min_per_sec: 10,
-            window: Duration::from_secs(10),
-        },
-        max_route_rules: 100_000,
-        service: None,
-        ratelimit_max_keys: 1_000_000,
-    };
+    let settings = Settings::default();
     let mut shapes = Vec::new();
     println!(
         "{:<9}{:>8}{:>10}{:>11}{:>11}{:>11}{:>11}{:>11}{:>11}",
