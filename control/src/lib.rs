@@ -16,7 +16,6 @@ use remora_proto::control::admin_server::AdminServer;
 use remora_proto::control::discovery_server::DiscoveryServer;
 use remora_proto::control::identity_server::IdentityServer;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -52,9 +51,4 @@ pub async fn serve<S: store::Store>(
         .add_service(identity)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
-}
-
-/// The address a listener actually bound (for logs).
-pub fn local(l: &tokio::net::TcpListener) -> Option<SocketAddr> {
-    l.local_addr().ok()
 }

@@ -204,8 +204,10 @@ fn main() -> std::process::ExitCode {
 fn init_logs(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour only on a terminal: log collectors get plain text.
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if format == "json" {
         b.json().init();
@@ -326,7 +328,11 @@ fn run(args: Args) -> Result<()> {
     let discovery = args
         .control_plane
         .clone()
-        .map(|url| discovery_config(&args, url))
+        .map(|url| {
+            // The address actually bound (port 0 picks one) is what registers.
+            let inbound = inbound_l.as_ref().and_then(|l| l.local_addr().ok());
+            discovery_config(&args, inbound, url)
+        })
         .transpose()?;
     let mut last_version = String::new();
     if let Some(d) = &discovery {
@@ -438,7 +444,11 @@ fn run(args: Args) -> Result<()> {
     })
 }
 
-fn discovery_config(args: &Args, url: String) -> Result<DiscoveryConfig> {
+fn discovery_config(
+    args: &Args,
+    inbound: Option<SocketAddr>,
+    url: String,
+) -> Result<DiscoveryConfig> {
     let node_id = args
         .node_id
         .clone()
@@ -456,7 +466,7 @@ fn discovery_config(args: &Args, url: String) -> Result<DiscoveryConfig> {
         None => String::new(),
     };
     let advertise = args.advertise_addr.or_else(|| {
-        let inbound = args.inbound_addr.0?;
+        let inbound = inbound?;
         if !inbound.ip().is_unspecified() {
             return Some(inbound);
         }

@@ -1,7 +1,7 @@
 //! Running the real remora-control binary in tests, and talking to it with
 //! the generated Admin client.
 
-use crate::{binary, free_addr, wait_until, TempDir};
+use crate::{binary, wait_until, TempDir};
 use remora_proto::control::admin_client::AdminClient;
 use remora_proto::control::*;
 use std::net::SocketAddr;
@@ -58,6 +58,17 @@ impl ControlProcess {
                 l.push('\n');
             }
         });
+        let addr = if addr.port() == 0 {
+            crate::bound_addr(
+                &mut child,
+                &logs,
+                "control plane listening",
+                Duration::from_secs(20),
+            )
+            .await
+        } else {
+            addr
+        };
         let cp = ControlProcess { child, addr, logs };
         wait_until(
             "control plane answers",
@@ -74,7 +85,8 @@ impl ControlProcess {
     }
 
     pub async fn start(data: &TempDir) -> ControlProcess {
-        Self::start_on(free_addr(), data, "2s").await
+        // Port 0: the kernel picks, so parallel tests never collide.
+        Self::start_on(crate::any_port(), data, "2s").await
     }
 
     pub fn url(&self) -> String {

@@ -32,6 +32,51 @@ where
     }
 }
 
+/// Waits for a "listening" log line containing `key` and returns its
+/// `addr=`; panics with the logs if the process exits first.
+pub async fn bound_addr(
+    child: &mut Child,
+    logs: &Mutex<String>,
+    key: &str,
+    deadline: Duration,
+) -> SocketAddr {
+    let end = Instant::now() + deadline;
+    loop {
+        if let Some(a) = logged_addr(&logs.lock().unwrap(), key) {
+            return a;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            // Give the log reader a moment to drain the pipe.
+            std::thread::sleep(Duration::from_millis(50));
+            panic!(
+                "process exited ({status}) before listening ({key}):\n{}",
+                logs.lock().unwrap()
+            );
+        }
+        assert!(
+            Instant::now() < end,
+            "timed out waiting for a listening line ({key}):\n{}",
+            logs.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The `addr=` of the first "listening" log line that contains `key`.
+pub fn logged_addr(logs: &str, key: &str) -> Option<SocketAddr> {
+    logs.lines()
+        .filter(|l| l.contains("listening") && l.contains(key))
+        .find_map(|l| {
+            let v = l.split("addr=").nth(1)?.split_whitespace().next()?;
+            v.parse().ok()
+        })
+}
+
+/// Port 0 on loopback: the kernel picks a free port when the process binds.
+pub fn any_port() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
 /// A loopback address with a free port.
 pub fn free_addr() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
@@ -108,25 +153,37 @@ impl ProxyBuilder {
         self
     }
 
-    /// Starts the proxy and waits until /ready answers 200.
+    /// Starts the proxy on ports the kernel picks (no races with other
+    /// tests over "free" ports), learns them from its "listening" log
+    /// lines, and waits until /ready answers 200.
     pub async fn start(self) -> ProxyProcess {
-        let p = self.spawn();
+        let mut p = self.spawn_on(any_port(), any_port(), any_port());
+        let deadline = Duration::from_secs(20);
+        p.inbound = bound_addr(&mut p.child, &p.logs, "listener=\"inbound\"", deadline).await;
+        p.outbound = bound_addr(&mut p.child, &p.logs, "listener=\"outbound\"", deadline).await;
+        p.admin = bound_addr(&mut p.child, &p.logs, "listener=\"admin\"", deadline).await;
         let admin = p.admin;
-        let logs = p.logs.clone();
-        wait_until("proxy /ready", Duration::from_secs(20), || async move {
+        wait_until("proxy /ready", deadline, || async move {
             matches!(
                 get_status(&format!("http://{admin}/ready")).await,
                 Some(200)
             )
         })
         .await;
-        let _ = logs;
         p
     }
 
     /// Starts the proxy without waiting for it.
     pub fn spawn(self) -> ProxyProcess {
-        let (inbound, outbound, admin) = (free_addr(), free_addr(), free_addr());
+        self.spawn_on(free_addr(), free_addr(), free_addr())
+    }
+
+    fn spawn_on(
+        self,
+        inbound: SocketAddr,
+        outbound: SocketAddr,
+        admin: SocketAddr,
+    ) -> ProxyProcess {
         let mut cmd = Command::new(binary("remora-proxy"));
         cmd.arg("--inbound-addr")
             .arg(inbound.to_string())

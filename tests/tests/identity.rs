@@ -107,7 +107,7 @@ async fn proxy_gets_a_certificate_and_renews_it_before_expiry() {
         TempDir::new("id-secrets"),
     );
     let token = token_file(&secrets, "token", TOKEN);
-    let cp = control(free_addr(), &data, &token).await;
+    let cp = control(any_port(), &data, &token).await;
     let p = proxy(&cp, &state, &token).await;
 
     wait_until("first certificate", Duration::from_secs(10), || async {
@@ -152,7 +152,7 @@ async fn wrong_token_is_refused_and_the_proxy_keeps_serving() {
         TempDir::new("id-state"),
         TempDir::new("id-secrets"),
     );
-    let cp = control(free_addr(), &data, &token_file(&secrets, "token", TOKEN)).await;
+    let cp = control(any_port(), &data, &token_file(&secrets, "token", TOKEN)).await;
     let mut p = proxy(&cp, &state, &token_file(&secrets, "wrong", "not-the-token")).await;
 
     // It retries (with backoff), failing each time.
@@ -187,7 +187,7 @@ async fn wrong_token_is_refused_and_the_proxy_keeps_serving() {
 #[tokio::test]
 async fn issued_certificate_names_only_the_spiffe_id() {
     let (data, secrets) = (TempDir::new("id-data"), TempDir::new("id-secrets"));
-    let cp = control(free_addr(), &data, &token_file(&secrets, "token", TOKEN)).await;
+    let cp = control(any_port(), &data, &token_file(&secrets, "token", TOKEN)).await;
 
     let resp = issue(&cp, TOKEN, "shop", &greedy_csr()).await.unwrap();
     let chain = ders(&resp.cert_chain_pem);

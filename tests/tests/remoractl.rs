@@ -2,9 +2,9 @@
 //! subprocesses, the control plane on a free loopback port with a fresh
 //! data directory per test.
 
-use remora_tests::{binary, free_addr, TempDir};
+use remora_tests::{any_port, binary, free_addr, logged_addr, TempDir};
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -21,10 +21,9 @@ impl ControlPlane {
     /// Starts the control plane and waits until it accepts connections.
     fn start() -> ControlPlane {
         let dir = TempDir::new("remoractl");
-        let addr = free_addr();
         let mut child = Command::new(binary("remora-control"))
             .arg("--listen")
-            .arg(addr.to_string())
+            .arg(any_port().to_string())
             .arg("--data-dir")
             .arg(dir.path().join("data"))
             .env(
@@ -53,12 +52,17 @@ impl ControlPlane {
         });
         let mut cp = ControlPlane {
             child,
-            addr,
+            addr: any_port(),
             logs,
             dir,
         };
+        // The kernel picks the port; the "listening" log line names it.
         let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        loop {
+            if let Some(addr) = logged_addr(&cp.logs(), "control plane listening") {
+                cp.addr = addr;
+                break;
+            }
             if let Ok(Some(status)) = cp.child.try_wait() {
                 panic!(
                     "remora-control exited with {status} before listening:\n{}",
@@ -67,7 +71,7 @@ impl ControlPlane {
             }
             assert!(
                 Instant::now() < deadline,
-                "remora-control did not listen on {addr} in time:\n{}",
+                "remora-control did not listen in time:\n{}",
                 cp.logs()
             );
             std::thread::sleep(Duration::from_millis(10));

@@ -60,8 +60,10 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour only on a terminal: log collectors get plain text.
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if args.log_format == "json" {
         logs.json().init();
@@ -76,7 +78,8 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
-    info!(addr = ?remora_control::local(&listener), data_dir = %args.data_dir.display(), "control plane listening");
+    let addr = listener.local_addr().context("listener address")?;
+    info!(%addr, data_dir = %args.data_dir.display(), "control plane listening");
     // Graceful shutdown waits for open streams, and a proxy's Discovery
     // stream never ends by itself: after a short grace, close them (the
     // proxies keep serving and reconnect, to this or another replica).
