@@ -227,6 +227,27 @@ impl Ca {
     }
 
     /// PEM of every root trusted now.
+    /// Publishes more roots (PEM, each self-signed) in the trust bundle, next
+    /// to the CA's own: how a root rotation starts (old and new trusted
+    /// together) and ends (the old root kept until its leaves expire).
+    pub fn with_extra_roots(mut self, path: &Path) -> Result<Ca, CaError> {
+        for der in read_certs(path)? {
+            let (_, cert) = X509Certificate::from_der(&der).map_err(|e| invalid(path, e))?;
+            if !self_signed(&cert) {
+                return Err(invalid(
+                    path,
+                    format!("{:?} is not a self-signed root", cert.subject().to_string()),
+                ));
+            }
+            let pem = encode_pem(&der);
+            if !self.trust_bundle_pem.contains(&pem) {
+                info!(subject = %cert.subject(), "extra root joins the trust bundle");
+                self.trust_bundle_pem.push_str(&pem);
+            }
+        }
+        Ok(self)
+    }
+
     pub fn trust_bundle_pem(&self) -> &str {
         &self.trust_bundle_pem
     }

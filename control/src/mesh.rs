@@ -13,11 +13,14 @@ use crate::resources;
 use crate::store::{Revision, Store, StoreError};
 use bytes::Bytes;
 use prost::Message;
-use remora_proto::control::{ChangeResponse, Instance, ProxyStatus, ResourceChange, Snapshot};
+use remora_proto::control::{
+    ChangeResponse, Instance, ProxyStatus, Registration, Registrations, ResourceChange, Snapshot,
+};
 use remora_proto::model::{Config, Endpoint, HttpRoute, Service};
 use remora_proto::validate::{normalize, qualify};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -34,13 +37,21 @@ pub struct Mesh<S> {
     state: Mutex<State>,
     /// How long a registered instance outlives its proxy's stream.
     grace: Duration,
+    /// Where the registered instances are kept, when they are.
+    instances_path: std::sync::OnceLock<std::path::PathBuf>,
+    instances_saved: AtomicU64,
 }
 
 #[derive(Default)]
 struct State {
     history: Vec<Revision>,
+    /// Sent with every snapshot.
+    trust_bundle_pem: String,
     /// Registered instances by node id.
     instances: BTreeMap<String, (String, Instance)>,
+    /// Bumped whenever `instances` changes, for the task that saves them.
+    instances_gen: u64,
+    dirty: Arc<tokio::sync::Notify>,
     proxies: BTreeMap<String, Proxy>,
     next_conn: u64,
     scopes: HashMap<String, watch::Sender<Arc<Snapshot>>>,
@@ -82,10 +93,12 @@ impl State {
                     .is_some_and(|m| format!("{}/{}", m.namespace, m.name) == *service)
             });
             if let Some(spec) = target.and_then(|s| s.spec.as_mut()) {
+                // A registered instance is a Remora proxy: callers speak mTLS to it.
                 spec.endpoints.push(Endpoint {
                     address: inst.address.clone(),
                     port: inst.port,
                     labels: inst.labels.clone(),
+                    meshed: true,
                 });
             }
         }
@@ -113,6 +126,12 @@ impl State {
         }
     }
 
+    fn instances_changed(&mut self) {
+        self.instances_gen += 1;
+        self.dirty.notify_one();
+        self.publish();
+    }
+
     /// Recomputes every scope's snapshot and publishes the ones that
     /// changed. Each is encoded once, whatever the number of subscribers.
     fn publish(&mut self) {
@@ -132,6 +151,7 @@ impl State {
                 version: snapshot_version.clone(),
                 config_version: version,
                 config: Bytes::from(scoped.encode_to_vec()),
+                trust_bundle_pem: self.trust_bundle_pem.clone(),
             }));
         }
     }
@@ -174,8 +194,12 @@ pub fn scope_config(cfg: &Config, service: &str) -> Config {
         let Some(spec) = r.spec.as_mut() else {
             continue;
         };
-        spec.parent_refs
-            .retain(|p| called.contains(&format!("{}/{}", p.namespace, p.name)));
+        // Routes of the Services it calls, and of its own Service (route-level
+        // AuthorizationPolicies are enforced by its inbound side).
+        spec.parent_refs.retain(|p| {
+            let parent = format!("{}/{}", p.namespace, p.name);
+            called.contains(&parent) || parent == service
+        });
         if spec.parent_refs.is_empty() {
             continue;
         }
@@ -227,10 +251,29 @@ pub fn scope_config(cfg: &Config, service: &str) -> Config {
         })
         .cloned()
         .collect();
+    // Enforced by the target's own proxies only.
+    let authorization_policies = cfg
+        .authorization_policies
+        .iter()
+        .filter(|p| {
+            let t = p
+                .spec
+                .as_ref()
+                .and_then(|s| s.target_ref.clone())
+                .unwrap_or_default();
+            let target = format!("{}/{}", t.namespace, t.name);
+            match t.kind.as_str() {
+                "HTTPRoute" => route_ids.contains(&target),
+                _ => target == service,
+            }
+        })
+        .cloned()
+        .collect();
     Config {
         services,
         http_routes: routes,
         rate_limit_policies,
+        authorization_policies,
     }
 }
 
@@ -261,7 +304,114 @@ impl<S: Store> Mesh<S> {
                 ..Default::default()
             }),
             grace,
+            instances_path: Default::default(),
+            instances_saved: AtomicU64::new(0),
         }))
+    }
+
+    /// The trust bundle every snapshot carries (set before serving).
+    pub fn set_trust_bundle(&self, pem: &str) {
+        self.lock().trust_bundle_pem = pem.to_string();
+    }
+
+    /// Restores the instances registered before a restart (kept in `path`)
+    /// and keeps that file current. Restored instances count as
+    /// disconnected: each stays for the grace period and goes unless its
+    /// proxy reconnects, so a control-plane restart or upgrade never sends
+    /// proxies a mesh without the endpoints whose proxies have not
+    /// reconnected yet.
+    pub fn persist_instances(self: &Arc<Self>, path: std::path::PathBuf) -> usize {
+        let restored: Vec<String> = match std::fs::read(&path) {
+            Ok(bytes) => match Registrations::decode(bytes.as_slice()) {
+                Ok(r) => {
+                    let mut st = self.lock();
+                    let mut nodes = Vec::new();
+                    for reg in r.registrations {
+                        if let Some(i) = reg.instance {
+                            st.instances.insert(reg.node_id.clone(), (reg.service, i));
+                            nodes.push(reg.node_id);
+                        }
+                    }
+                    st.publish();
+                    nodes
+                }
+                Err(e) => {
+                    warn!(path = %path.display(), error = %e, "registered instances unreadable; starting without them");
+                    Vec::new()
+                }
+            },
+            Err(_) => Vec::new(),
+        };
+        let n = restored.len();
+        if n > 0 {
+            info!(instances = n, grace = ?self.grace, "restored the registered instances; each goes unless its proxy reconnects");
+            let mesh = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(mesh.grace).await;
+                let mut st = mesh.lock();
+                let before = st.instances.len();
+                for node in restored {
+                    let back = st.proxies.get(&node).is_some_and(|p| p.status.connected);
+                    if !back {
+                        st.instances.remove(&node);
+                    }
+                }
+                if st.instances.len() != before {
+                    info!(
+                        expired = before - st.instances.len(),
+                        "restored instances whose proxies did not reconnect expired"
+                    );
+                    st.instances_changed();
+                }
+            });
+        }
+        let _ = self.instances_path.set(path);
+        // The saver: writes the instances soon after they change; changes
+        // that come together (10k proxies reconnecting) share a write.
+        let mesh = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let Some(m) = mesh.upgrade() else { return };
+                let notified = m.lock().dirty.clone();
+                drop(m);
+                notified.notified().await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let Some(m) = mesh.upgrade() else { return };
+                let _ = tokio::task::spawn_blocking(move || m.save_instances()).await;
+            }
+        });
+        n
+    }
+
+    /// Writes the registered instances now (also on shutdown).
+    pub fn save_instances(&self) {
+        let Some(path) = self.instances_path.get() else {
+            return;
+        };
+        let (generation, bytes) = {
+            let st = self.lock();
+            if st.instances_gen == self.instances_saved.load(Relaxed) {
+                return;
+            }
+            let regs = Registrations {
+                registrations: st
+                    .instances
+                    .iter()
+                    .map(|(node, (service, i))| Registration {
+                        node_id: node.clone(),
+                        service: service.clone(),
+                        instance: Some(i.clone()),
+                    })
+                    .collect(),
+            };
+            (st.instances_gen, regs.encode_to_vec())
+        };
+        match crate::store::write_atomic(&path.with_extension("tmp"), path, &bytes) {
+            Ok(()) => self.instances_saved.store(generation, Relaxed),
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "could not save the registered instances")
+            }
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -314,7 +464,7 @@ impl<S: Store> Mesh<S> {
         let rx = st.scope(&scope);
         // Only a new or moved instance changes what anyone should see.
         if changed {
-            st.publish();
+            st.instances_changed();
         }
         (rx, conn)
     }
@@ -346,7 +496,7 @@ impl<S: Store> Mesh<S> {
         let mut st = self.lock();
         if st.instances.remove(node).is_some() {
             info!(node, "instance deregistered");
-            st.publish();
+            st.instances_changed();
         }
     }
 
@@ -374,7 +524,7 @@ impl<S: Store> Mesh<S> {
                     node,
                     "instance expired after its stream was gone for the grace period"
                 );
-                st.publish();
+                st.instances_changed();
             }
         });
     }

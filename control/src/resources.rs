@@ -1,7 +1,7 @@
 //! A config as a set of resources keyed by (kind, namespace, name): upsert,
 //! delete, diff. Resources are kept sorted, so equal sets are equal configs.
 
-use remora_proto::model::{Config, HttpRoute, RateLimitPolicy, Service};
+use remora_proto::model::{AuthorizationPolicy, Config, HttpRoute, RateLimitPolicy, Service};
 use std::collections::BTreeMap;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -9,6 +9,7 @@ pub enum Resource {
     Service(Service),
     HttpRoute(HttpRoute),
     RateLimitPolicy(RateLimitPolicy),
+    AuthorizationPolicy(AuthorizationPolicy),
 }
 
 /// (kind, namespace, name)
@@ -20,6 +21,7 @@ impl Resource {
             Resource::Service(s) => ("Service", s.metadata.as_ref()),
             Resource::HttpRoute(r) => ("HTTPRoute", r.metadata.as_ref()),
             Resource::RateLimitPolicy(p) => ("RateLimitPolicy", p.metadata.as_ref()),
+            Resource::AuthorizationPolicy(p) => ("AuthorizationPolicy", p.metadata.as_ref()),
         };
         let meta = meta.cloned().unwrap_or_default();
         (kind, meta.namespace, meta.name)
@@ -30,6 +32,7 @@ impl Resource {
             Resource::Service(s) => remora_proto::yaml::resource_yaml(s),
             Resource::HttpRoute(r) => remora_proto::yaml::resource_yaml(r),
             Resource::RateLimitPolicy(p) => remora_proto::yaml::resource_yaml(p),
+            Resource::AuthorizationPolicy(p) => remora_proto::yaml::resource_yaml(p),
         }
     }
 }
@@ -45,6 +48,9 @@ pub fn kind_name(kind: &str) -> Option<&'static str> {
         "httproute" | "httproutes" | "route" | "routes" => Some("HTTPRoute"),
         "ratelimitpolicy" | "ratelimitpolicies" | "ratelimit" | "ratelimits" | "rlp" => {
             Some("RateLimitPolicy")
+        }
+        "authorizationpolicy" | "authorizationpolicies" | "authz" | "ap" => {
+            Some("AuthorizationPolicy")
         }
         _ => None,
     }
@@ -64,6 +70,10 @@ pub fn split(cfg: &Config) -> BTreeMap<Key, Resource> {
         let r = Resource::RateLimitPolicy(p.clone());
         m.insert(r.key(), r);
     }
+    for p in &cfg.authorization_policies {
+        let r = Resource::AuthorizationPolicy(p.clone());
+        m.insert(r.key(), r);
+    }
     m
 }
 
@@ -74,6 +84,7 @@ pub fn join(set: BTreeMap<Key, Resource>) -> Config {
             Resource::Service(s) => cfg.services.push(s),
             Resource::HttpRoute(h) => cfg.http_routes.push(h),
             Resource::RateLimitPolicy(p) => cfg.rate_limit_policies.push(p),
+            Resource::AuthorizationPolicy(p) => cfg.authorization_policies.push(p),
         }
     }
     cfg

@@ -123,6 +123,18 @@ pub fn normalize(cfg: &mut Config) {
             }
         }
     }
+    for p in &mut cfg.authorization_policies {
+        let policy_ns = ns(&mut p.metadata);
+        p.kind = "AuthorizationPolicy".into();
+        let spec = p.spec.get_or_insert_with(Default::default);
+        let t = spec.target_ref.get_or_insert_with(Default::default);
+        if t.kind.is_empty() {
+            t.kind = "Service".into();
+        }
+        if t.namespace.is_empty() {
+            t.namespace = policy_ns;
+        }
+    }
     for r in &mut cfg.http_routes {
         let route_ns = ns(&mut r.metadata);
         r.kind = "HTTPRoute".into();
@@ -224,15 +236,27 @@ impl Validator {
             self.metadata(p.metadata.as_ref());
             self.rate_limit_policy(p.spec.as_ref().expect("normalized"), &services, &routes);
         }
+        for p in &cfg.authorization_policies {
+            self.resource = format!(
+                "AuthorizationPolicy {}",
+                crate::resource_id(p.metadata.as_ref())
+            );
+            if !seen.insert(self.resource.clone()) {
+                self.err("metadata.name", "defined twice");
+            }
+            self.metadata(p.metadata.as_ref());
+            self.authorization_policy(p.spec.as_ref().expect("normalized"), &services, &routes);
+        }
     }
 
-    fn rate_limit_policy(
+    /// A policy's target exists and is a Service or an HTTPRoute.
+    fn target_ref(
         &mut self,
-        spec: &RateLimitPolicySpec,
+        t: Option<&PolicyTargetRef>,
         services: &HashMap<String, Vec<u32>>,
         routes: &HashSet<String>,
     ) {
-        let t = spec.target_ref.clone().unwrap_or_default();
+        let t = t.cloned().unwrap_or_default();
         let target = format!("{}/{}", t.namespace, t.name);
         match t.kind.as_str() {
             "Service" if !services.contains_key(&target) => {
@@ -248,6 +272,16 @@ impl Validator {
                 format!("{other:?} is not one of Service, HTTPRoute"),
             ),
         }
+    }
+
+    fn rate_limit_policy(
+        &mut self,
+        spec: &RateLimitPolicySpec,
+        services: &HashMap<String, Vec<u32>>,
+        routes: &HashSet<String>,
+    ) {
+        self.target_ref(spec.target_ref.as_ref(), services, routes);
+        let t = spec.target_ref.clone().unwrap_or_default();
         match spec.direction.as_str() {
             "inbound" if t.kind == "HTTPRoute" => self.err(
                 "direction",
@@ -368,6 +402,75 @@ impl Validator {
             }
             if e.port > 65535 {
                 self.err(format!("{f}.port"), "must be 1..65535");
+            }
+        }
+        if let Some(m) = &spec.mtls {
+            if !["", "Strict", "Permissive", "Disabled"].contains(&m.mode.as_str()) {
+                self.err(
+                    "mtls.mode",
+                    format!("{:?} is not one of Strict, Permissive, Disabled", m.mode),
+                );
+            }
+            if !m.client_identity_header.is_empty() {
+                if let Err(e) = header_name(&m.client_identity_header) {
+                    self.err("mtls.clientIdentityHeader", e);
+                }
+            }
+        }
+        if !spec.service_account.is_empty() {
+            if let Err(e) = dns_label(&spec.service_account) {
+                self.err("serviceAccount", e);
+            }
+        }
+    }
+
+    fn authorization_policy(
+        &mut self,
+        spec: &AuthorizationPolicySpec,
+        services: &HashMap<String, Vec<u32>>,
+        routes: &HashSet<String>,
+    ) {
+        self.target_ref(spec.target_ref.as_ref(), services, routes);
+        for (i, f) in spec.from.iter().enumerate() {
+            let field = format!("from[{i}]");
+            let set = [&f.identity, &f.namespace, &f.trust_domain]
+                .iter()
+                .filter(|v| !v.is_empty())
+                .count();
+            if set != 1 {
+                self.err(
+                    field.clone(),
+                    "set exactly one of identity, namespace, trustDomain",
+                );
+            }
+            if !f.identity.is_empty() {
+                let ok = f
+                    .identity
+                    .strip_prefix("spiffe://")
+                    .and_then(|r| r.split_once('/'))
+                    .is_some_and(|(td, path)| !td.is_empty() && !path.is_empty());
+                if !ok {
+                    self.err(
+                        format!("{field}.identity"),
+                        format!(
+                            "{:?} is not a SPIFFE ID (spiffe://<trust domain>/ns/<namespace>/sa/<account>)",
+                            f.identity
+                        ),
+                    );
+                }
+            }
+            if !f.namespace.is_empty() {
+                if let Err(e) = dns_label(&f.namespace) {
+                    self.err(format!("{field}.namespace"), e);
+                }
+            }
+            if !f.trust_domain.is_empty()
+                && (f.trust_domain.contains('/') || f.trust_domain.contains(':'))
+            {
+                self.err(
+                    format!("{field}.trustDomain"),
+                    format!("{:?} is not a trust domain name", f.trust_domain),
+                );
             }
         }
     }
@@ -814,6 +917,56 @@ spec:
             (spec.direction.as_str(), spec.limits[0].per.as_str()),
             ("inbound", "second")
         );
+    }
+
+    #[test]
+    fn bad_mtls_and_authorization_policies_name_the_field() {
+        let err = check(
+            r#"
+kind: Service
+metadata: {name: api, namespace: shop}
+spec:
+  ports: [{port: 80}]
+  mtls: {mode: Sometimes, clientIdentityHeader: "bad header"}
+  serviceAccount: Not_A_Label
+---
+kind: AuthorizationPolicy
+metadata: {name: callers, namespace: shop}
+spec:
+  targetRef: {kind: HTTPRoute, name: nowhere}
+  from:
+  - {identity: "https://x/y"}
+  - {namespace: ops, trustDomain: mesh.local}
+  - {}
+  - {namespace: Ops}
+"#,
+        )
+        .unwrap_err()
+        .to_string();
+        for want in [
+            "Service shop/api: mtls.mode: \"Sometimes\" is not one of Strict, Permissive, Disabled",
+            "Service shop/api: mtls.clientIdentityHeader:",
+            "Service shop/api: serviceAccount:",
+            "AuthorizationPolicy shop/callers: targetRef.name: HTTPRoute shop/nowhere is not defined",
+            "AuthorizationPolicy shop/callers: from[0].identity: \"https://x/y\" is not a SPIFFE ID",
+            "AuthorizationPolicy shop/callers: from[1]: set exactly one of",
+            "AuthorizationPolicy shop/callers: from[2]: set exactly one of",
+            "AuthorizationPolicy shop/callers: from[3].namespace:",
+        ] {
+            assert!(err.contains(want), "missing {want:?} in:\n{err}");
+        }
+        let ok = check(
+            "kind: AuthorizationPolicy\nmetadata: {name: a, namespace: shop}\nspec:\n  targetRef: {name: shop}\n  from: [{identity: 'spiffe://mesh.local/ns/web/sa/web'}, {trustDomain: mesh.local}]\n",
+        )
+        .unwrap();
+        let t = ok.authorization_policies[0]
+            .spec
+            .as_ref()
+            .unwrap()
+            .target_ref
+            .clone()
+            .unwrap();
+        assert_eq!((t.kind.as_str(), t.namespace.as_str()), ("Service", "shop"));
     }
 
     #[test]

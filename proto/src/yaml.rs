@@ -2,7 +2,7 @@
 //! `kind` choosing the message. Field names are the proto fields in
 //! camelCase, and unknown fields are errors, so a typo never passes silently.
 
-use crate::model::{Config, HttpRoute, RateLimitPolicy, Service};
+use crate::model::{AuthorizationPolicy, Config, HttpRoute, RateLimitPolicy, Service};
 use serde::de::DeserializeOwned;
 use std::path::{Path, PathBuf};
 
@@ -70,13 +70,21 @@ fn add_yaml(cfg: &mut Config, text: &str, source: &str) -> Result<(), LoadError>
                 "RateLimitPolicy",
                 &name,
             )?),
-            "" => {
-                return Err(LoadError::Syntax {
-                    source_name: source.to_string(),
-                    doc: doc_no,
-                    message: "missing `kind` (Service, HTTPRoute or RateLimitPolicy)".into(),
-                })
-            }
+            "AuthorizationPolicy" => cfg
+                .authorization_policies
+                .push(typed::<AuthorizationPolicy>(
+                    value.clone(),
+                    source,
+                    "AuthorizationPolicy",
+                    &name,
+                )?),
+            "" => return Err(LoadError::Syntax {
+                source_name: source.to_string(),
+                doc: doc_no,
+                message:
+                    "missing `kind` (Service, HTTPRoute, RateLimitPolicy or AuthorizationPolicy)"
+                        .into(),
+            }),
             other => {
                 return Err(LoadError::Syntax {
                     source_name: source.to_string(),
@@ -185,6 +193,10 @@ pub fn to_yaml(cfg: &Config) -> String {
         out.push_str(&resource_yaml(r));
     }
     for p in &cfg.rate_limit_policies {
+        out.push_str("---\n");
+        out.push_str(&resource_yaml(p));
+    }
+    for p in &cfg.authorization_policies {
         out.push_str("---\n");
         out.push_str(&resource_yaml(p));
     }

@@ -35,21 +35,40 @@ impl Protocol {
     }
 }
 
+/// Where a backend's endpoint is, and whether it is spoken to over mTLS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Target {
+    pub addr: SocketAddr,
+    pub tls: bool,
+}
+
 pub struct Endpoint {
     pub addr: SocketAddr,
     /// `ip:port`, pre-parsed for building upstream URIs.
     pub authority: http::uri::Authority,
+    /// https for an mTLS endpoint (the pool's connector keys on it).
+    pub scheme: http::uri::Scheme,
     pub load: Arc<EndpointLoad>,
 }
 
 impl Endpoint {
-    pub fn new(addr: SocketAddr, load: Arc<EndpointLoad>) -> Option<Endpoint> {
-        let authority = addr.to_string().parse().ok()?;
+    pub fn new(t: Target, load: Arc<EndpointLoad>) -> Option<Endpoint> {
+        let authority = t.addr.to_string().parse().ok()?;
+        let scheme = if t.tls {
+            http::uri::Scheme::HTTPS
+        } else {
+            http::uri::Scheme::HTTP
+        };
         Some(Endpoint {
-            addr,
+            addr: t.addr,
             authority,
+            scheme,
             load,
         })
+    }
+
+    pub fn tls(&self) -> bool {
+        self.scheme == http::uri::Scheme::HTTPS
     }
 }
 
@@ -87,11 +106,15 @@ impl Cluster {
         }
     }
 
-    /// Same protocol and the same endpoint addresses, in order.
-    pub fn same_shape(&self, protocol: Protocol, addrs: &[SocketAddr]) -> bool {
+    /// Same protocol and the same endpoints, in order.
+    pub fn same_shape(&self, protocol: Protocol, targets: &[Target]) -> bool {
         self.protocol == protocol
-            && self.endpoints.len() == addrs.len()
-            && self.endpoints.iter().zip(addrs).all(|(e, a)| e.addr == *a)
+            && self.endpoints.len() == targets.len()
+            && self
+                .endpoints
+                .iter()
+                .zip(targets)
+                .all(|(e, t)| e.addr == t.addr && e.tls() == t.tls)
     }
 
     /// The load state of an address, if this cluster has it (kept across

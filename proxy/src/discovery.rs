@@ -54,6 +54,7 @@ impl DiscoveryConfig {
                 return None;
             }
         };
+        install_bundle(proxy, &snap.trust_bundle_pem);
         let cfg = Config::decode(snap.config).ok()?;
         match source::apply(proxy, settings, cfg, snap.version.clone()) {
             Ok(()) => {
@@ -61,6 +62,25 @@ impl DiscoveryConfig {
                 Some(snap.version)
             }
             Err(_) => None,
+        }
+    }
+}
+
+/// Installs the trust bundle a snapshot carries (the control plane's roots,
+/// old and new during a rotation).
+fn install_bundle(proxy: &Proxy, pem: &str) {
+    let Some(tls) = proxy.tls.as_ref().filter(|_| !pem.is_empty()) else {
+        return;
+    };
+    match tls.store().set_bundle(pem) {
+        Ok((roots, changed)) => {
+            proxy.metrics.identity_trust_roots.set(roots as i64);
+            if changed {
+                info!(roots, "trust bundle installed from the control plane");
+            }
+        }
+        Err(e) => {
+            warn!(error = %e, "trust bundle from the control plane refused; keeping the current one")
         }
     }
 }
@@ -170,6 +190,9 @@ async fn session(
                 let Some(snap) = msg? else { return Ok(()) };
                 *got_snapshot = true;
                 let version = snap.version.clone();
+                // Roots first: a config may bring endpoints whose
+                // certificates only the new bundle verifies.
+                install_bundle(proxy, &snap.trust_bundle_pem);
                 // Decode, validate, compile, swap and the disk write run on
                 // the blocking pool: a big snapshot never stalls requests on
                 // the data-plane thread.

@@ -27,6 +27,8 @@ pub enum ProxyError {
     ClientBody(String),
     #[error("rate limited")]
     RateLimited,
+    #[error("the caller is not allowed by the authorization policy on {0}")]
+    Forbidden(String),
 }
 
 /// gRPC status codes used here (grpc/doc/statuscodes.md).
@@ -35,6 +37,7 @@ const GRPC_UNIMPLEMENTED: u8 = 12;
 const GRPC_UNAVAILABLE: u8 = 14;
 const GRPC_RESOURCE_EXHAUSTED: u8 = 8;
 const GRPC_INTERNAL: u8 = 13;
+const GRPC_PERMISSION_DENIED: u8 = 7;
 
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
@@ -47,6 +50,7 @@ impl ProxyError {
             ProxyError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
             ProxyError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::Forbidden(_) => StatusCode::FORBIDDEN,
         }
     }
 
@@ -55,6 +59,7 @@ impl ProxyError {
             ProxyError::NoRoute(_) => GRPC_UNIMPLEMENTED,
             ProxyError::Timeout => GRPC_DEADLINE_EXCEEDED,
             ProxyError::Overflow(_) | ProxyError::RateLimited => GRPC_RESOURCE_EXHAUSTED,
+            ProxyError::Forbidden(_) => GRPC_PERMISSION_DENIED,
             ProxyError::NoBackend(_) | ProxyError::BodyTooLarge(_) | ProxyError::ClientBody(_) => {
                 GRPC_INTERNAL
             }
@@ -75,6 +80,7 @@ impl ProxyError {
             ProxyError::BodyTooLarge(_) => "body-too-large",
             ProxyError::ClientBody(_) => "client-body",
             ProxyError::RateLimited => "rate-limited",
+            ProxyError::Forbidden(_) => "forbidden",
         }
     }
 

@@ -111,10 +111,13 @@ pub struct Credentials {
     pub not_after: SystemTime,
 }
 
-/// The current credentials, swapped whole on renewal.
+/// The current credentials, swapped whole on renewal, and the trust
+/// bundle: set by each issuance and by the config stream, the latest wins
+/// (the control plane sends the same bundle both ways).
 #[derive(Debug, Default)]
 pub struct CertStore {
     current: ArcSwapOption<Credentials>,
+    roots: ArcSwapOption<RootCertStore>,
 }
 
 impl CertStore {
@@ -127,7 +130,29 @@ impl CertStore {
     }
 
     pub fn install(&self, c: Credentials) {
+        self.roots.store(Some(c.roots.clone()));
         self.current.store(Some(Arc::new(c)));
+    }
+
+    /// The roots peers are verified against now.
+    pub fn roots(&self) -> Option<Arc<RootCertStore>> {
+        self.roots.load_full()
+    }
+
+    /// Installs a trust bundle (PEM) from the config stream. Returns how
+    /// many roots it holds and whether it changed anything; a bundle that
+    /// does not parse changes nothing.
+    pub fn set_bundle(&self, pem: &str) -> Result<(usize, bool), String> {
+        let roots = parse_bundle(pem)?;
+        let n = roots.len();
+        let same = self.roots.load().as_ref().is_some_and(|r| {
+            r.roots.len() == roots.roots.len()
+                && r.roots.iter().zip(&roots.roots).all(|(a, b)| a == b)
+        });
+        if !same {
+            self.roots.store(Some(Arc::new(roots)));
+        }
+        Ok((n, !same))
     }
 
     pub fn clear(&self) {
@@ -181,16 +206,7 @@ pub fn credentials(
     let Some(leaf) = chain.first() else {
         return Err(bad("no certificate in the chain".into()));
     };
-    let mut roots = RootCertStore::empty();
-    for root in CertificateDer::pem_slice_iter(resp.trust_bundle_pem.as_bytes()) {
-        let root = root.map_err(|e| bad(format!("trust bundle: {e}")))?;
-        roots
-            .add(root)
-            .map_err(|e| bad(format!("trust bundle: {e}")))?;
-    }
-    if roots.is_empty() {
-        return Err(bad("empty trust bundle".into()));
-    }
+    let roots = parse_bundle(&resp.trust_bundle_pem).map_err(bad)?;
 
     let provider = rustls::crypto::aws_lc_rs::default_provider();
     let parsed = ParsedCertificate::try_from(leaf).map_err(|e| bad(e.to_string()))?;
@@ -228,6 +244,19 @@ pub fn credentials(
         spiffe_id,
         not_after,
     })
+}
+
+/// Every root of a PEM trust bundle; an empty bundle is an error.
+pub fn parse_bundle(pem: &str) -> Result<RootCertStore, String> {
+    let mut roots = RootCertStore::empty();
+    for root in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+        let root = root.map_err(|e| format!("trust bundle: {e}"))?;
+        roots.add(root).map_err(|e| format!("trust bundle: {e}"))?;
+    }
+    if roots.is_empty() {
+        return Err("empty trust bundle".into());
+    }
+    Ok(roots)
 }
 
 /// The SPIFFE ID (the one URI SAN) and expiry of a certificate.
@@ -316,6 +345,7 @@ pub async fn run(
                     "identity certificate installed"
                 );
                 expiry.set(creds.not_after);
+                metrics.identity_trust_roots.set(creds.roots.len() as i64);
                 store.install(creds);
                 renew_in
             }
@@ -402,11 +432,10 @@ mod tests {
         BasicConstraints, CertificateSigningRequestParams, CertifiedIssuer,
         ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose, SanType,
     };
-    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-    use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+    use rustls::crypto::CryptoProvider;
     use rustls::pki_types::ServerName;
     use rustls::server::WebPkiClientVerifier;
-    use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, ServerConfig};
+    use rustls::{ClientConfig, ClientConnection, ServerConfig};
     use rustls::{ServerConnection, StreamOwned};
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
@@ -450,63 +479,6 @@ mod tests {
         }
     }
 
-    /// What outbound mTLS will do: verify the chain against the trust
-    /// bundle, then require one SPIFFE ID instead of a DNS name.
-    #[derive(Debug)]
-    struct SpiffeVerifier {
-        roots: Arc<RootCertStore>,
-        expect: String,
-        algs: WebPkiSupportedAlgorithms,
-    }
-
-    impl ServerCertVerifier for SpiffeVerifier {
-        fn verify_server_cert(
-            &self,
-            end_entity: &CertificateDer<'_>,
-            intermediates: &[CertificateDer<'_>],
-            _: &ServerName<'_>,
-            _: &[u8],
-            now: UnixTime,
-        ) -> Result<ServerCertVerified, rustls::Error> {
-            let cert = ParsedCertificate::try_from(end_entity)?;
-            rustls::client::verify_server_cert_signed_by_trust_anchor(
-                &cert,
-                &self.roots,
-                intermediates,
-                now,
-                self.algs.all,
-            )?;
-            match leaf_identity(end_entity) {
-                Ok((id, _)) if id == self.expect => Ok(ServerCertVerified::assertion()),
-                _ => Err(rustls::Error::InvalidCertificate(
-                    rustls::CertificateError::ApplicationVerificationFailure,
-                )),
-            }
-        }
-
-        fn verify_tls12_signature(
-            &self,
-            message: &[u8],
-            cert: &CertificateDer<'_>,
-            dss: &DigitallySignedStruct,
-        ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
-        }
-
-        fn verify_tls13_signature(
-            &self,
-            message: &[u8],
-            cert: &CertificateDer<'_>,
-            dss: &DigitallySignedStruct,
-        ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
-        }
-
-        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-            self.algs.supported_schemes()
-        }
-    }
-
     fn provider() -> Arc<CryptoProvider> {
         Arc::new(rustls::crypto::aws_lc_rs::default_provider())
     }
@@ -529,11 +501,7 @@ mod tests {
         expect: &str,
     ) -> Arc<ClientConfig> {
         let p = provider();
-        let verifier = SpiffeVerifier {
-            roots,
-            expect: expect.to_string(),
-            algs: p.signature_verification_algorithms,
-        };
+        let verifier = crate::tls::SpiffeServerVerifier::new(roots, expect.to_string());
         let mut cfg = ClientConfig::builder_with_provider(p)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .unwrap()

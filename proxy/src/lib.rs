@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod authz;
 pub mod balance;
 pub mod body;
 pub mod cluster;
@@ -18,3 +19,4 @@ pub mod route;
 pub mod runtime;
 pub mod server;
 pub mod source;
+pub mod tls;

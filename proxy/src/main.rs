@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use arc_swap::ArcSwap;
 use clap::Parser;
 use remora_proxy::balance::OutlierConfig;
-use remora_proxy::cluster::Protocol;
+use remora_proxy::cluster::{Protocol, Target};
 use remora_proxy::discovery::DiscoveryConfig;
 use remora_proxy::identity::{CertStore, IdentityConfig};
 use remora_proxy::metrics::Metrics;
@@ -15,6 +15,7 @@ use remora_proxy::proxy::{Direction, Inbound, Proxy};
 use remora_proxy::retry::BudgetParams;
 use remora_proxy::runtime::{build_cluster, Runtime, Settings};
 use remora_proxy::server::{serve_http, serve_tcp, Lifecycle, ServerLimits};
+use remora_proxy::tls::MeshTls;
 use remora_proxy::{admin, source};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -229,7 +230,15 @@ fn run(args: Args) -> Result<()> {
             args.app_protocol
         );
     };
+    let metrics = Metrics::new();
+    // With an identity, mTLS between proxies: one certificate store, fed by
+    // the identity task, read by every handshake.
+    let mesh_tls = args
+        .bootstrap_token_file
+        .is_some()
+        .then(|| MeshTls::new(CertStore::new(), metrics.clone()));
     let settings = Settings {
+        tls: mesh_tls.clone(),
         pool: PoolConfig {
             connect_timeout: args.connect_timeout,
             idle_timeout: args.upstream_idle_timeout,
@@ -279,7 +288,6 @@ fn run(args: Args) -> Result<()> {
         .transpose()?;
     let admin_l = bind(args.admin_addr, "admin")?;
 
-    let metrics = Metrics::new();
     for (on, name) in [
         (inbound_l.is_some(), "inbound"),
         (outbound_l.is_some(), "outbound"),
@@ -299,7 +307,11 @@ fn run(args: Args) -> Result<()> {
         cluster: build_cluster(
             "inbound",
             app_protocol,
-            &[args.app_addr],
+            &[Target {
+                addr: args.app_addr,
+                tls: false,
+            }],
+            None,
             None,
             &settings,
             &metrics,
@@ -312,6 +324,7 @@ fn run(args: Args) -> Result<()> {
         metrics: metrics.clone(),
         retry_buffer: args.retry_buffer_bytes,
         access_log: args.access_log,
+        tls: mesh_tls.clone(),
     });
 
     // The first config must be good: a sidecar with a broken config at boot
@@ -412,13 +425,10 @@ fn run(args: Args) -> Result<()> {
                 last_version,
             )));
         }
-        if let Some(cfg) = identity {
-            // Not used by the listeners yet: they will take it as their
-            // rustls certificate resolver when mTLS is on the data path.
-            let certs = CertStore::new();
+        if let (Some(cfg), Some(mesh)) = (identity, &mesh_tls) {
             tokio::spawn(remora_proxy::identity::run(
                 cfg,
-                certs,
+                mesh.store().clone(),
                 metrics.clone(),
                 shutdown_rx.clone(),
             ));

@@ -61,6 +61,18 @@ pub struct ListenerLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    pub direction: &'static str,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthzLabels {
+    pub target: String,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
     pub direction: &'static str,
     pub reason: &'static str,
@@ -92,6 +104,10 @@ pub struct Metrics {
     pub ratelimit_decisions: Family<DecisionLabels, Counter>,
     pub identity_cert_expiry: DeadlineGauge,
     pub identity_rotations: Family<ResultLabels, Counter>,
+    pub identity_trust_roots: Gauge,
+    pub tls_handshakes: Family<HandshakeLabels, Counter>,
+    pub plaintext_refused: Counter,
+    pub authz_decisions: Family<AuthzLabels, Counter>,
 }
 
 impl Metrics {
@@ -194,6 +210,30 @@ impl Metrics {
             "Identity certificate requests, the first and each renewal, by result (ok, error)",
             identity_rotations.clone(),
         );
+        let identity_trust_roots = Gauge::default();
+        registry.register(
+            "identity_trust_roots",
+            "Root certificates in the trust bundle the proxy verifies peers against",
+            identity_trust_roots.clone(),
+        );
+        let tls_handshakes = Family::default();
+        registry.register(
+            "tls_handshakes",
+            "Mutual TLS handshakes between proxies, by direction (inbound, outbound) and result (ok, error)",
+            tls_handshakes.clone(),
+        );
+        let plaintext_refused = Counter::default();
+        registry.register(
+            "inbound_plaintext_refused",
+            "Plaintext connections the inbound listener closed because the Service's mTLS mode is Strict",
+            plaintext_refused.clone(),
+        );
+        let authz_decisions = Family::default();
+        registry.register(
+            "authz_decisions",
+            "AuthorizationPolicy decisions on inbound requests, by target and result (allowed, denied)",
+            authz_decisions.clone(),
+        );
         Arc::new(Metrics {
             registry,
             requests,
@@ -212,6 +252,10 @@ impl Metrics {
             ratelimit_decisions,
             identity_cert_expiry,
             identity_rotations,
+            identity_trust_roots,
+            tls_handshakes,
+            plaintext_refused,
+            authz_decisions,
         })
     }
 

@@ -3,8 +3,14 @@
 //! open connections (the permit lives inside the connection and is released
 //! when it closes), and an in-flight cap turns excess load into a clear 503
 //! instead of an unbounded queue.
+//!
+//! Endpoints fronted by a Remora proxy are addressed `https://ip:port`: the
+//! connector originates mTLS to them and checks the peer's SPIFFE ID, and
+//! ALPN settles on HTTP/2, so a few long-lived connections carry every
+//! request between two proxies.
 
 use crate::body::Body;
+use crate::tls::MeshTls;
 use http::Uri;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::Client;
@@ -29,21 +35,39 @@ pub struct PoolConfig {
     pub max_pending: usize,
 }
 
+/// The identity a backend's meshed endpoints must present.
+#[derive(Clone)]
+pub struct ClusterTls {
+    pub mesh: Arc<MeshTls>,
+    pub namespace: String,
+    pub service_account: String,
+}
+
+impl ClusterTls {
+    fn same(&self, other: &ClusterTls) -> bool {
+        Arc::ptr_eq(&self.mesh, &other.mesh)
+            && self.namespace == other.namespace
+            && self.service_account == other.service_account
+    }
+}
+
 /// Streams allowed per HTTP/2 connection when sizing the in-flight cap.
 const H2_STREAMS_PER_CONN: usize = 100;
 
 /// The connection pool of one backend.
 pub struct Pool {
     pub client: Client<Connector, Body>,
+    tls: Option<ClusterTls>,
     inflight: Arc<AtomicUsize>,
     max_inflight: usize,
 }
 
 impl Pool {
-    pub fn new(cfg: PoolConfig, http2: bool) -> Pool {
+    pub fn new(cfg: PoolConfig, http2: bool, tls: Option<ClusterTls>) -> Pool {
         let connector = Connector {
             connect_timeout: cfg.connect_timeout,
             permits: Arc::new(Semaphore::new(cfg.max_connections.max(1))),
+            tls: tls.clone(),
         };
         let mut b = Client::builder(TokioExecutor::new());
         b.pool_timer(TokioTimer::new())
@@ -54,8 +78,18 @@ impl Pool {
         let per_conn = if http2 { H2_STREAMS_PER_CONN } else { 1 };
         Pool {
             client: b.build(connector),
+            tls,
             inflight: Arc::new(AtomicUsize::new(0)),
             max_inflight: cfg.max_connections.max(1) * per_conn + cfg.max_pending,
+        }
+    }
+
+    /// Whether this pool checks the same identity as `tls` would.
+    pub fn same_tls(&self, tls: Option<&ClusterTls>) -> bool {
+        match (&self.tls, tls) {
+            (None, None) => true,
+            (Some(a), Some(b)) => a.same(b),
+            _ => false,
         }
     }
 
@@ -80,12 +114,13 @@ impl Drop for Admitted {
     }
 }
 
-/// Opens TCP connections to `http://ip:port` URIs, at most
-/// `max_connections` at once per backend.
+/// Opens TCP connections to `http://ip:port` URIs, and mTLS ones to
+/// `https://ip:port`, at most `max_connections` at once per backend.
 #[derive(Clone)]
 pub struct Connector {
     connect_timeout: Duration,
     permits: Arc<Semaphore>,
+    tls: Option<ClusterTls>,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -102,6 +137,7 @@ impl tower_service::Service<Uri> for Connector {
     fn call(&mut self, uri: Uri) -> Self::Future {
         let permits = self.permits.clone();
         let timeout = self.connect_timeout;
+        let tls = (uri.scheme() == Some(&http::uri::Scheme::HTTPS)).then(|| self.tls.clone());
         Box::pin(async move {
             let addr: SocketAddr = uri
                 .authority()
@@ -112,23 +148,104 @@ impl tower_service::Service<Uri> for Connector {
                 .await
                 .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
             let _ = stream.set_nodelay(true);
+            let io = match tls {
+                None => Stream::Plain(stream),
+                Some(None) => return Err("an mTLS endpoint, but this proxy has no identity".into()),
+                Some(Some(t)) => {
+                    let expect = t
+                        .mesh
+                        .expected_id(&t.namespace, &t.service_account)
+                        .ok_or("no workload certificate yet")?;
+                    let s = t.mesh.connect(stream, addr.ip(), expect).await?;
+                    Stream::Tls(Box::new(s))
+                }
+            };
             Ok(PooledConn {
-                io: TokioIo::new(stream),
+                io: TokioIo::new(io),
                 _permit: permit,
             })
         })
     }
 }
 
+/// Plaintext or mTLS to the upstream.
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl tokio::io::AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+}
+
 /// An upstream connection holding its place under the connection cap.
 pub struct PooledConn {
-    io: TokioIo<TcpStream>,
+    io: TokioIo<Stream>,
     _permit: OwnedSemaphorePermit,
 }
 
 impl Connection for PooledConn {
     fn connected(&self) -> Connected {
-        Connected::new()
+        match self.io.inner() {
+            Stream::Tls(s) if s.get_ref().1.alpn_protocol() == Some(b"h2") => {
+                Connected::new().negotiated_h2()
+            }
+            _ => Connected::new(),
+        }
     }
 }
 

@@ -18,7 +18,7 @@ use crate::runtime::Runtime;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::uri::{PathAndQuery, Scheme};
+use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -59,6 +59,8 @@ pub struct Proxy {
     /// Largest request body buffered so it can be retried or mirrored.
     pub retry_buffer: usize,
     pub access_log: bool,
+    /// mTLS between proxies, when this proxy has an identity.
+    pub tls: Option<Arc<crate::tls::MeshTls>>,
 }
 
 /// A request body that can be sent more than once, or a stream that can be
@@ -141,8 +143,14 @@ impl Proxy {
         resp
     }
 
-    /// Serves one request from the mesh to the local app.
-    pub async fn inbound(self: Arc<Self>, req: Request<Incoming>, peer: IpAddr) -> Response<Body> {
+    /// Serves one request from the mesh to the local app. `client` is the
+    /// caller's SPIFFE ID when it came over mTLS.
+    pub async fn inbound(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+        peer: IpAddr,
+        client: Option<Arc<str>>,
+    ) -> Response<Body> {
         let start = Instant::now();
         let grpc = is_grpc(&req);
         let Some(inbound) = &self.inbound else {
@@ -150,10 +158,46 @@ impl Proxy {
             return self.fail(Direction::Inbound, ProxyError::NoRoute(host), grpc);
         };
         let (method, path) = (req.method().clone(), req.uri().path().to_string());
-        // Limits that protect the local app from all its callers.
+        let client_id = client.as_deref();
         let rt = self.runtime.load();
-        let outcome = (!rt.inbound_limits.is_empty())
-            .then(|| rt.inbound_limits.check(req.headers(), Some(peer), None));
+        // Who may call: the local Service's AuthorizationPolicies.
+        if let Some(authz) = &rt.local.authz {
+            let decision = authz.check(&req, client_id);
+            let count = |target: &str, result| {
+                self.metrics
+                    .authz_decisions
+                    .get_or_create(&crate::metrics::AuthzLabels {
+                        target: target.to_string(),
+                        result,
+                    })
+                    .inc();
+            };
+            match decision {
+                Ok(targets) => targets.into_iter().for_each(|t| count(t, "allowed")),
+                Err(denied) => {
+                    count(&denied.target, "denied");
+                    info!(direction = "inbound", client = %client_id.unwrap_or("-"), %peer,
+                        %method, path, policy_target = %denied.target, "request denied by authorization policy");
+                    return self.fail(
+                        Direction::Inbound,
+                        ProxyError::Forbidden(denied.target),
+                        grpc,
+                    );
+                }
+            }
+        }
+        // The verified identity for the app; never a caller's own copy.
+        if let Some(h) = &rt.local.identity_header {
+            req.headers_mut().remove(h);
+            if let Some(v) = client_id.and_then(|c| HeaderValue::from_str(c).ok()) {
+                req.headers_mut().insert(h.clone(), v);
+            }
+        }
+        // Limits that protect the local app from all its callers.
+        let outcome = (!rt.inbound_limits.is_empty()).then(|| {
+            rt.inbound_limits
+                .check(req.headers(), Some(peer), client_id)
+        });
         drop(rt);
         let upgrade = is_upgrade(&req);
         let send = async {
@@ -349,7 +393,7 @@ impl Proxy {
             cluster.overflow.inc();
             return Err(ProxyError::Overflow(cluster.id.clone()));
         };
-        set_upstream_uri(&mut req, &ep.authority);
+        set_upstream_uri(&mut req, ep);
         let _inflight = ep.load.start();
         let t0 = Instant::now();
         let sent = cluster.pool.client.request(req);
@@ -414,7 +458,7 @@ impl Proxy {
                 return;
             };
             let mut req = req;
-            set_upstream_uri(&mut req, &ep.authority);
+            set_upstream_uri(&mut req, ep);
             let sent = cluster.pool.client.request(req);
             if let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_secs(30), sent).await {
                 // Drain so the connection goes back to the pool.
@@ -489,10 +533,10 @@ fn add_rate_headers(resp: &mut Response<Body>, headers: Option<(HeaderValue, Hea
     }
 }
 
-fn set_upstream_uri(req: &mut Request<Body>, authority: &http::uri::Authority) {
+fn set_upstream_uri(req: &mut Request<Body>, ep: &crate::cluster::Endpoint) {
     let mut parts = std::mem::take(req.uri_mut()).into_parts();
-    parts.scheme = Some(Scheme::HTTP);
-    parts.authority = Some(authority.clone());
+    parts.scheme = Some(ep.scheme.clone());
+    parts.authority = Some(ep.authority.clone());
     if parts.path_and_query.is_none() {
         parts.path_and_query = Some(PathAndQuery::from_static("/"));
     }

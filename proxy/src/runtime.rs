@@ -4,13 +4,15 @@
 //! What did not change is carried over from the previous runtime: connection
 //! pools, endpoint latency estimates, outlier state, retry budgets.
 
+use crate::authz::{LocalPolicy, MtlsMode};
 use crate::balance::OutlierConfig;
-use crate::cluster::{Cluster, Endpoint, Protocol};
+use crate::cluster::{Cluster, Endpoint, Protocol, Target};
 use crate::metrics::{BackendLabels, Metrics};
-use crate::pool::{Pool, PoolConfig};
+use crate::pool::{ClusterTls, Pool, PoolConfig};
 use crate::ratelimit::{KeyPart, Limit, LimitParams, LimiterSet};
 use crate::retry::{BudgetParams, RetryBudget, RetryPolicy};
 use crate::route::*;
+use crate::tls::MeshTls;
 use http::header::{HeaderName, HeaderValue};
 use http::Method;
 use regex::Regex;
@@ -36,6 +38,8 @@ pub struct Settings {
     pub service: Option<String>,
     /// Live keys per rate limit before new keys share an overflow bucket.
     pub ratelimit_max_keys: usize,
+    /// Mutual TLS to meshed endpoints, when this proxy has an identity.
+    pub tls: Option<Arc<MeshTls>>,
 }
 
 impl Default for Settings {
@@ -62,6 +66,7 @@ impl Default for Settings {
             max_route_rules: 100_000,
             service: None,
             ratelimit_max_keys: 1_000_000,
+            tls: None,
         }
     }
 }
@@ -76,6 +81,8 @@ pub struct Runtime {
     pub limits: HashMap<String, Arc<Limit>>,
     /// Limits on traffic into the local app.
     pub inbound_limits: Arc<LimiterSet>,
+    /// mTLS mode, identity header and authorization for the local Service.
+    pub local: LocalPolicy,
 }
 
 impl Runtime {
@@ -89,6 +96,7 @@ impl Runtime {
             budgets: HashMap::new(),
             limits: HashMap::new(),
             inbound_limits: Arc::new(LimiterSet::default()),
+            local: LocalPolicy::default(),
         }
     }
 }
@@ -110,21 +118,51 @@ pub fn compile(
     for svc in &cfg.services {
         let id = remora_proto::resource_id(svc.metadata.as_ref());
         let spec = svc.spec.clone().unwrap_or_default();
+        // With an identity, calls to the Service's meshed endpoints are mTLS,
+        // unless the Service turned it off.
+        let mode = spec.mtls.as_ref().map(|m| m.mode.as_str()).unwrap_or("");
+        let tls = s
+            .tls
+            .as_ref()
+            .filter(|_| MtlsMode::parse(mode) != MtlsMode::Disabled)
+            .map(|mesh| {
+                let meta = svc.metadata.clone().unwrap_or_default();
+                ClusterTls {
+                    mesh: mesh.clone(),
+                    namespace: meta.namespace,
+                    service_account: if spec.service_account.is_empty() {
+                        meta.name
+                    } else {
+                        spec.service_account.clone()
+                    },
+                }
+            });
         for p in &spec.ports {
             let protocol = Protocol::parse(&p.protocol)
                 .ok_or_else(|| format!("Service {id}: unknown protocol {:?}", p.protocol))?;
             let cid = format!("{id}:{}", p.port);
-            let mut addrs = Vec::new();
+            let mut targets = Vec::new();
             for e in &spec.endpoints {
                 let ip: IpAddr = e
                     .address
                     .parse()
                     .map_err(|_| format!("Service {id}: bad address {:?}", e.address))?;
                 let port = if e.port != 0 { e.port } else { p.target_port };
-                addrs.push(SocketAddr::new(ip, port as u16));
+                targets.push(Target {
+                    addr: SocketAddr::new(ip, port as u16),
+                    // Opaque TCP goes through as bytes, never via the HTTP pool.
+                    tls: e.meshed && tls.is_some() && protocol != Protocol::Tcp,
+                });
             }
-            let cluster =
-                build_cluster(&cid, protocol, &addrs, prev.clusters.get(&cid), s, metrics);
+            let cluster = build_cluster(
+                &cid,
+                protocol,
+                &targets,
+                tls.clone(),
+                prev.clusters.get(&cid),
+                s,
+                metrics,
+            );
             clusters.insert(cid.clone(), cluster);
             ports
                 .entry(id.clone())
@@ -272,6 +310,7 @@ pub fn compile(
         }
     }
 
+    let local = crate::authz::compile(&cfg, s.service.as_deref())?;
     Ok(Runtime {
         version,
         config: Arc::new(cfg),
@@ -280,6 +319,7 @@ pub fn compile(
         budgets,
         limits: limits.into_iter().map(|(k, (_, l))| (k, l)).collect(),
         inbound_limits,
+        local,
     })
 }
 
@@ -288,25 +328,26 @@ pub fn compile(
 pub fn build_cluster(
     id: &str,
     protocol: Protocol,
-    addrs: &[SocketAddr],
+    targets: &[Target],
+    tls: Option<ClusterTls>,
     prev: Option<&Arc<Cluster>>,
     s: &Settings,
     metrics: &Metrics,
 ) -> Arc<Cluster> {
     if let Some(p) = prev {
-        if p.same_shape(protocol, addrs) {
+        if p.same_shape(protocol, targets) && p.pool.same_tls(tls.as_ref()) {
             return p.clone();
         }
     }
     let pool = match prev {
-        Some(p) if p.protocol == protocol => p.pool.clone(),
-        _ => Arc::new(Pool::new(s.pool, protocol.is_h2())),
+        Some(p) if p.protocol == protocol && p.pool.same_tls(tls.as_ref()) => p.pool.clone(),
+        _ => Arc::new(Pool::new(s.pool, protocol.is_h2(), tls)),
     };
-    let endpoints = addrs
+    let endpoints = targets
         .iter()
-        .filter_map(|a| {
-            let load = prev.and_then(|p| p.load_of(*a)).unwrap_or_default();
-            Endpoint::new(*a, load)
+        .filter_map(|t| {
+            let load = prev.and_then(|p| p.load_of(t.addr)).unwrap_or_default();
+            Endpoint::new(*t, load)
         })
         .collect();
     let labels = BackendLabels {
@@ -445,7 +486,7 @@ fn compile_rule(
 }
 
 /// (target kind, target `namespace/name`, direction)
-type Target = (String, String, String);
+type PolicyTarget = (String, String, String);
 
 /// Compiles every RateLimitPolicy limit, keeping the buckets of limits whose
 /// parameters did not change.
@@ -454,7 +495,7 @@ fn compile_limits(
     prev: &Runtime,
     s: &Settings,
     metrics: &Metrics,
-) -> Result<HashMap<String, (Target, Arc<Limit>)>, String> {
+) -> Result<HashMap<String, (PolicyTarget, Arc<Limit>)>, String> {
     let mut out = HashMap::new();
     for p in &cfg.rate_limit_policies {
         let pid = remora_proto::resource_id(p.metadata.as_ref());
@@ -568,7 +609,7 @@ fn value_match(ty: &str, value: &str) -> Result<ValueMatch, String> {
     })
 }
 
-fn compile_match(m: &model::HttpRouteMatch) -> Result<Matcher, String> {
+pub(crate) fn compile_match(m: &model::HttpRouteMatch) -> Result<Matcher, String> {
     let path = match &m.path {
         None => PathMatch::Prefix(String::new()),
         Some(p) => match p.r#type.as_str() {

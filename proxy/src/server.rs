@@ -4,8 +4,10 @@
 //! (drain gracefully) and idleness (close a keep-alive connection nobody
 //! uses).
 
+use crate::authz::MtlsMode;
 use crate::metrics::{ListenerLabels, Metrics};
 use crate::proxy::{Direction, Proxy};
+use crate::tls::MeshTls;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -66,6 +68,7 @@ pub async fn serve_http(
 ) {
     let builder = Arc::new(http_builder(&limits));
     let idle = limits.idle_timeout;
+    let first_byte_timeout = limits.header_read_timeout;
     accept_loop(
         listener,
         name,
@@ -76,11 +79,78 @@ pub async fn serve_http(
             let (proxy, builder, shutdown) =
                 (proxy.clone(), builder.clone(), life.shutdown.clone());
             async move {
-                serve_http_conn(stream, peer, direction, proxy, &builder, idle, shutdown).await
+                let conn = Conn {
+                    peer,
+                    direction,
+                    proxy,
+                    idle,
+                    shutdown,
+                };
+                match (&conn.proxy.tls, direction) {
+                    (Some(tls), Direction::Inbound) => {
+                        let tls = tls.clone();
+                        serve_inbound(stream, conn, &builder, &tls, first_byte_timeout).await
+                    }
+                    _ => serve_http_conn(stream, conn, &builder, None).await,
+                }
             }
         },
     )
     .await
+}
+
+/// One accepted connection's context.
+struct Conn {
+    peer: SocketAddr,
+    direction: Direction,
+    proxy: Arc<Proxy>,
+    idle: Duration,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// The inbound side of a proxy with an identity: a connection that opens
+/// with a TLS handshake gets mTLS (the caller's identity rides along with
+/// each request); plaintext is served only when the local Service's mode
+/// allows it.
+async fn serve_inbound(
+    stream: TcpStream,
+    conn: Conn,
+    builder: &auto::Builder<TokioExecutor>,
+    tls: &MeshTls,
+    first_byte_timeout: Duration,
+) {
+    let mode = conn.proxy.runtime.load().local.mode;
+    if mode == MtlsMode::Disabled {
+        return serve_http_conn(stream, conn, builder, None).await;
+    }
+    // A TLS record starts with 0x16 (handshake); HTTP/1 starts with a
+    // method and h2c with "PRI".
+    let mut first = [0u8; 1];
+    let peer = conn.peer;
+    let is_tls = match tokio::time::timeout(first_byte_timeout, stream.peek(&mut first)).await {
+        Ok(Ok(1)) => first[0] == 0x16,
+        Ok(_) => return,
+        Err(_) => return debug!(%peer, "closed a connection that sent nothing"),
+    };
+    if is_tls {
+        match tls.accept(stream).await {
+            Ok((s, client)) => {
+                debug!(%peer, client = %client.id, "mTLS connection");
+                let left = client
+                    .expires
+                    .duration_since(std::time::SystemTime::now())
+                    .unwrap_or_default();
+                let until = tokio::time::Instant::now() + left;
+                serve_http_conn(s, conn, builder, Some((client.id, until))).await
+            }
+            Err(e) => info!(%peer, error = %e, "mTLS handshake refused"),
+        }
+    } else if mode == MtlsMode::Strict {
+        conn.proxy.metrics.plaintext_refused.inc();
+        info!(%peer, "plaintext connection refused: this Service's mTLS mode is Strict");
+    } else {
+        serve_http_conn(stream, conn, builder, None).await
+    }
 }
 
 /// Accepts until shutdown and forwards each connection's bytes to `target`.
@@ -187,26 +257,39 @@ struct Activity {
     last_ms: AtomicU64,
 }
 
-async fn serve_http_conn(
-    stream: TcpStream,
-    peer: SocketAddr,
-    direction: Direction,
-    proxy: Arc<Proxy>,
+/// Serves HTTP on one connection. `client` is the caller's SPIFFE ID on
+/// an mTLS connection, with the instant its certificates expire.
+async fn serve_http_conn<S>(
+    stream: S,
+    conn: Conn,
     builder: &auto::Builder<TokioExecutor>,
-    idle: Duration,
-    mut shutdown: watch::Receiver<bool>,
-) {
+    client: Option<(Arc<str>, tokio::time::Instant)>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let Conn {
+        peer,
+        direction,
+        proxy,
+        idle,
+        mut shutdown,
+    } = conn;
+    let (client, expires) = match client {
+        Some((id, at)) => (Some(id), Some(at)),
+        None => (None, None),
+    };
     let activity = Arc::new(Activity::default());
     activity.last_ms.store(crate::balance::now_ms(), Relaxed);
     let act = activity.clone();
     let svc = service_fn(move |req| {
         let proxy = proxy.clone();
         let act = act.clone();
+        let client = client.clone();
         async move {
             act.inflight.fetch_add(1, Relaxed);
             let resp = match direction {
                 Direction::Outbound => proxy.outbound(req, peer.ip()).await,
-                Direction::Inbound => proxy.inbound(req, peer.ip()).await,
+                Direction::Inbound => proxy.inbound(req, peer.ip(), client).await,
             };
             act.last_ms.store(crate::balance::now_ms(), Relaxed);
             act.inflight.fetch_sub(1, Relaxed);
@@ -233,6 +316,11 @@ async fn serve_http_conn(
                 return;
             }
             _ = shutdown.changed(), if !closing => {
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            _ = tokio::time::sleep_until(expires.unwrap_or(idle_at)), if !closing && expires.is_some() => {
+                debug!(%peer, "closing an mTLS connection whose certificates expire");
                 conn.as_mut().graceful_shutdown();
                 closing = true;
             }

@@ -281,7 +281,11 @@ async fn restart_keeps_the_root_and_proxies_ride_out_the_outage() {
         || async { expiry(&p.metrics().await).is_none() },
     )
     .await;
-    assert!(p.logs().contains("expired and could not be renewed"));
+    // The log line is read from the proxy's stderr by another thread.
+    wait_until("the expiry is logged", Duration::from_secs(5), || async {
+        p.logs().contains("expired and could not be renewed")
+    })
+    .await;
 
     // Back with the same data directory: the same root, and the proxy gets
     // a certificate again on its own.

@@ -48,6 +48,11 @@ struct Args {
     /// including the root (PEM). Every root here joins the trust bundle.
     #[arg(long, env = "REMORA_CA_CHAIN", requires = "ca_cert")]
     ca_chain: Option<PathBuf>,
+    /// More root certificates (PEM) to publish in the trust bundle next to
+    /// the CA's own root, to every proxy over the config stream: how a root
+    /// rotation is done (see the README).
+    #[arg(long, env = "REMORA_TRUST_BUNDLE")]
+    trust_bundle: Option<PathBuf>,
     /// File holding the token proxies present to get a certificate (read on
     /// every request, so it can be replaced). Without it no certificate is
     /// issued.
@@ -74,7 +79,9 @@ async fn main() -> anyhow::Result<()> {
     let mesh = Mesh::open(store, args.registration_grace)
         .await
         .context("loading the config history")?;
-    let identity = identity(&args)?;
+    mesh.persist_instances(args.data_dir.join("instances.pb"));
+    let (identity, bundle) = identity(&args)?;
+    mesh.set_trust_bundle(&bundle);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
@@ -93,19 +100,20 @@ async fn main() -> anyhow::Result<()> {
         let _ = graceful.wait_for(|stop| *stop).await;
     };
     tokio::select! {
-        served = serve(mesh, identity, listener, graceful) => served?,
+        served = serve(mesh.clone(), identity, listener, graceful) => served?,
         _ = async {
             let _ = forced.wait_for(|stop| *stop).await;
             tokio::time::sleep(Duration::from_secs(2)).await;
         } => info!("closed the remaining Discovery streams"),
     }
+    mesh.save_instances();
     info!("stopped");
     Ok(())
 }
 
 /// The CA (the operator's, or the one kept in the data directory) and who
 /// may ask it for certificates.
-fn identity(args: &Args) -> anyhow::Result<IdentityService> {
+fn identity(args: &Args) -> anyhow::Result<(IdentityService, String)> {
     let reviewer = match &args.bootstrap_token_file {
         Some(path) => {
             let r = FileTokenReviewer::open(path)
@@ -126,7 +134,12 @@ fn identity(args: &Args) -> anyhow::Result<IdentityService> {
         _ => Ca::open_or_create(&args.data_dir.join("ca"), settings),
     }
     .context("setting up the CA")?;
-    Ok(IdentityService::new(Arc::new(ca), reviewer))
+    let ca = match &args.trust_bundle {
+        Some(extra) => ca.with_extra_roots(extra).context("--trust-bundle")?,
+        None => ca,
+    };
+    let bundle = ca.trust_bundle_pem().to_string();
+    Ok((IdentityService::new(Arc::new(ca), reviewer), bundle))
 }
 
 async fn shutdown() {

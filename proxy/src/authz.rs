@@ -1,0 +1,297 @@
+//! What the inbound side enforces for the local Service: its mTLS mode,
+//! the header that carries the caller's identity to the app, and its
+//! AuthorizationPolicies. Compiled with the rest of the config, so a policy
+//! change swaps atomically with everything else.
+
+use crate::route::Matcher;
+use http::header::HeaderName;
+use http::Request;
+use remora_proto::model::{self, Config};
+use std::collections::HashMap;
+
+/// How the local Service's inbound side treats plaintext.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MtlsMode {
+    /// mTLS only (the default for meshed Services).
+    Strict,
+    /// mTLS and plaintext, for migrating a Service into the mesh.
+    Permissive,
+    /// Plaintext only.
+    Disabled,
+}
+
+impl MtlsMode {
+    pub fn parse(s: &str) -> MtlsMode {
+        match s {
+            "Permissive" => MtlsMode::Permissive,
+            "Disabled" => MtlsMode::Disabled,
+            _ => MtlsMode::Strict,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MtlsMode::Strict => "Strict",
+            MtlsMode::Permissive => "Permissive",
+            MtlsMode::Disabled => "Disabled",
+        }
+    }
+}
+
+/// The local Service's inbound policy.
+pub struct LocalPolicy {
+    pub mode: MtlsMode,
+    /// Where the app gets the caller's verified SPIFFE ID.
+    pub identity_header: Option<HeaderName>,
+    pub authz: Option<Authz>,
+}
+
+impl Default for LocalPolicy {
+    fn default() -> LocalPolicy {
+        LocalPolicy {
+            mode: MtlsMode::Strict,
+            identity_header: None,
+            authz: None,
+        }
+    }
+}
+
+/// One caller pattern.
+#[derive(Debug, PartialEq)]
+enum Principal {
+    Identity(String),
+    Namespace(String),
+    TrustDomain(String),
+}
+
+impl Principal {
+    fn matches(&self, id: &str) -> bool {
+        match self {
+            Principal::Identity(want) => id == want,
+            Principal::Namespace(ns) => crate::tls::namespace(id) == Some(ns.as_str()),
+            Principal::TrustDomain(td) => crate::tls::trust_domain(id) == Some(td.as_str()),
+        }
+    }
+}
+
+/// The policies on one target: any of their principals allows.
+struct Allow {
+    /// "Service ns/name" or "HTTPRoute ns/name", for metrics and logs.
+    target: String,
+    from: Vec<Principal>,
+}
+
+impl Allow {
+    fn allows(&self, id: Option<&str>) -> bool {
+        id.is_some_and(|id| self.from.iter().any(|p| p.matches(id)))
+    }
+}
+
+pub struct Authz {
+    service: Option<Allow>,
+    routes: HashMap<String, Allow>,
+    /// Every match of every route attached to the local Service, by
+    /// precedence, with its route id: which route a request hit.
+    matchers: Vec<(Matcher, String)>,
+}
+
+/// A refusal: the target whose policies did not allow the caller.
+pub struct Denied {
+    pub target: String,
+}
+
+impl Authz {
+    /// Allowed, or the target that refused; the allowing target is
+    /// returned too, for the decision metric.
+    pub fn check<B>(&self, req: &Request<B>, id: Option<&str>) -> Result<Vec<&str>, Denied> {
+        let mut allowed = Vec::new();
+        if let Some(a) = &self.service {
+            if !a.allows(id) {
+                return Err(Denied {
+                    target: a.target.clone(),
+                });
+            }
+            allowed.push(a.target.as_str());
+        }
+        if !self.routes.is_empty() {
+            let route = self
+                .matchers
+                .iter()
+                .find(|(m, _)| m.matches(req))
+                .map(|(_, r)| r);
+            if let Some(a) = route.and_then(|r| self.routes.get(r)) {
+                if !a.allows(id) {
+                    return Err(Denied {
+                        target: a.target.clone(),
+                    });
+                }
+                allowed.push(a.target.as_str());
+            }
+        }
+        Ok(allowed)
+    }
+}
+
+/// The policy for `service` (`namespace/name`) from a prepared config.
+pub fn compile(cfg: &Config, service: Option<&str>) -> Result<LocalPolicy, String> {
+    let Some(service) = service else {
+        return Ok(LocalPolicy::default());
+    };
+    let id_of = |m: Option<&model::Metadata>| remora_proto::resource_id(m);
+    let spec = cfg
+        .services
+        .iter()
+        .find(|s| id_of(s.metadata.as_ref()) == service)
+        .and_then(|s| s.spec.as_ref());
+    let mtls = spec.and_then(|s| s.mtls.clone()).unwrap_or_default();
+    let identity_header = match mtls.client_identity_header.as_str() {
+        "" => None,
+        h => Some(
+            HeaderName::try_from(h)
+                .map_err(|e| format!("Service {service}: mtls.clientIdentityHeader: {e}"))?,
+        ),
+    };
+
+    let mut service_allow: Option<Allow> = None;
+    let mut routes: HashMap<String, Allow> = HashMap::new();
+    for p in &cfg.authorization_policies {
+        let Some(spec) = &p.spec else { continue };
+        let t = spec.target_ref.clone().unwrap_or_default();
+        let target_id = format!("{}/{}", t.namespace, t.name);
+        let from = spec.from.iter().filter_map(principal);
+        match t.kind.as_str() {
+            "HTTPRoute" => routes
+                .entry(target_id.clone())
+                .or_insert_with(|| Allow {
+                    target: format!("HTTPRoute {target_id}"),
+                    from: vec![],
+                })
+                .from
+                .extend(from),
+            _ if target_id == service => service_allow
+                .get_or_insert_with(|| Allow {
+                    target: format!("Service {target_id}"),
+                    from: vec![],
+                })
+                .from
+                .extend(from),
+            _ => {}
+        }
+    }
+
+    // Route matching, only for routes of the local Service that a policy
+    // targets (and every route that could shadow them).
+    let mut matchers = Vec::new();
+    let mut local_routes = std::collections::HashSet::new();
+    for r in &cfg.http_routes {
+        let Some(rs) = &r.spec else { continue };
+        let attached = rs
+            .parent_refs
+            .iter()
+            .any(|p| format!("{}/{}", p.namespace, p.name) == service);
+        if !attached {
+            continue;
+        }
+        let rid = id_of(r.metadata.as_ref());
+        local_routes.insert(rid.clone());
+        for rule in &rs.rules {
+            let ms = if rule.matches.is_empty() {
+                vec![model::HttpRouteMatch::default()]
+            } else {
+                rule.matches.clone()
+            };
+            for m in &ms {
+                matchers.push((crate::runtime::compile_match(m)?, rid.clone()));
+            }
+        }
+    }
+    routes.retain(|r, _| local_routes.contains(r));
+    matchers.sort_by_key(|(m, _)| m.precedence());
+    let authz = (service_allow.is_some() || !routes.is_empty()).then_some(Authz {
+        service: service_allow,
+        routes,
+        matchers,
+    });
+    Ok(LocalPolicy {
+        mode: MtlsMode::parse(&mtls.mode),
+        identity_header,
+        authz,
+    })
+}
+
+fn principal(s: &model::AuthorizationSource) -> Option<Principal> {
+    if !s.identity.is_empty() {
+        Some(Principal::Identity(s.identity.clone()))
+    } else if !s.namespace.is_empty() {
+        Some(Principal::Namespace(s.namespace.clone()))
+    } else if !s.trust_domain.is_empty() {
+        Some(Principal::TrustDomain(s.trust_domain.clone()))
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(yaml: &str) -> LocalPolicy {
+        let base = "kind: Service\nmetadata: {name: api, namespace: shop}\nspec:\n  ports: [{port: 80}]\n  mtls: {mode: Permissive, clientIdentityHeader: x-client-id}\n---\n\
+            kind: HTTPRoute\nmetadata: {name: admin, namespace: shop}\nspec:\n  parentRefs: [{name: api}]\n  rules:\n  - matches: [{path: {type: PathPrefix, value: /admin}}]\n    backendRefs: [{name: api}]\n---\n";
+        let cfg = remora_proto::yaml::parse_yaml(&format!("{base}{yaml}"), "test").unwrap();
+        let cfg = remora_proto::prepare(cfg).unwrap();
+        compile(&cfg, Some("shop/api")).unwrap()
+    }
+
+    fn req(path: &str) -> Request<()> {
+        Request::builder().uri(path).body(()).unwrap()
+    }
+
+    const WEB: &str = "spiffe://mesh.test/ns/shop/sa/web";
+    const OPS: &str = "spiffe://mesh.test/ns/ops/sa/admin";
+    const OTHER_TD: &str = "spiffe://other.test/ns/shop/sa/web";
+
+    #[test]
+    fn no_policy_allows_everyone_and_mode_and_header_compile() {
+        let p = policy("");
+        assert!(p.authz.is_none());
+        assert_eq!(p.mode, MtlsMode::Permissive);
+        assert_eq!(p.identity_header.unwrap().as_str(), "x-client-id");
+    }
+
+    #[test]
+    fn service_policy_by_identity_namespace_and_trust_domain() {
+        let p = policy("kind: AuthorizationPolicy\nmetadata: {name: a, namespace: shop}\nspec:\n  targetRef: {name: api}\n  from: [{identity: 'spiffe://mesh.test/ns/shop/sa/web'}]\n");
+        let a = p.authz.unwrap();
+        assert!(a.check(&req("/"), Some(WEB)).is_ok());
+        assert!(a.check(&req("/"), Some(OPS)).is_err());
+        assert!(
+            a.check(&req("/"), None).is_err(),
+            "plaintext has no identity"
+        );
+
+        let p = policy("kind: AuthorizationPolicy\nmetadata: {name: a, namespace: shop}\nspec:\n  targetRef: {name: api}\n  from: [{namespace: ops}]\n");
+        let a = p.authz.unwrap();
+        assert!(a.check(&req("/"), Some(OPS)).is_ok());
+        assert!(a.check(&req("/"), Some(WEB)).is_err());
+
+        let p = policy("kind: AuthorizationPolicy\nmetadata: {name: a, namespace: shop}\nspec:\n  targetRef: {name: api}\n  from: [{trustDomain: mesh.test}]\n");
+        let a = p.authz.unwrap();
+        assert!(a.check(&req("/"), Some(OPS)).is_ok());
+        let denied = a.check(&req("/"), Some(OTHER_TD)).err().unwrap();
+        assert_eq!(denied.target, "Service shop/api");
+    }
+
+    #[test]
+    fn route_policy_applies_to_its_route_only() {
+        let p = policy("kind: AuthorizationPolicy\nmetadata: {name: a, namespace: shop}\nspec:\n  targetRef: {kind: HTTPRoute, name: admin}\n  from: [{namespace: ops}]\n");
+        let a = p.authz.unwrap();
+        assert!(a.check(&req("/admin/users"), Some(OPS)).is_ok());
+        let denied = a.check(&req("/admin/users"), Some(WEB)).err().unwrap();
+        assert_eq!(denied.target, "HTTPRoute shop/admin");
+        assert!(
+            a.check(&req("/orders"), Some(WEB)).is_ok(),
+            "another path is not the route's"
+        );
+    }
+}
