@@ -8,8 +8,11 @@
 #
 # The config is pushed with remoractl; every sidecar receives it over its
 # Discovery stream, and the api instances register their own endpoints.
-# Traffic goes web's sidecar -> api-vN's sidecar -> api-vN app. Then the
-# api route's weights change (100/0 -> 50/50 -> 0/100) and the shift shows.
+# The control plane is also the mesh's CA: each sidecar gets a workload
+# certificate (bootstrap token in a file), so traffic goes web's sidecar
+# -mTLS-> api-vN's sidecar -> api-vN app, and plaintext to an api sidecar
+# is refused. Then the api route's weights change (100/0 -> 50/50 -> 0/100)
+# and the shift shows.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${N:-100}
@@ -44,8 +47,11 @@ wait_ready() {
 }
 ctl() { "$BIN/remoractl" --server "http://$CP" "$@"; }
 
-echo "== control plane"
-"$BIN/remora-control" --listen "$CP" --data-dir "$work/data" & pids+=($!)
+echo "== control plane (and CA)"
+mkdir -p "$work/secrets"
+head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$work/secrets/token"
+"$BIN/remora-control" --listen "$CP" --data-dir "$work/data" \
+  --bootstrap-token-file "$work/secrets/token" & pids+=($!)
 deadline=$((SECONDS + 20))
 until ctl status >/dev/null 2>&1; do
   (( SECONDS < deadline )) || { echo "control plane did not start"; exit 1; }
@@ -62,7 +68,7 @@ echo "== apps and sidecars"
 sidecar() { # name service inbound app admin outbound
   "$BIN/remora-proxy" --control-plane "http://$CP" --node-id "$1" --service "$2" \
     --inbound-addr "$3" --app-addr "$4" --admin-addr "$5" --outbound-addr "$6" \
-    --state-dir "$work/state/$1" & pids+=($!)
+    --state-dir "$work/state/$1" --bootstrap-token-file "$work/secrets/token" & pids+=($!)
 }
 sidecar web-1    web    127.0.0.1:4143 127.0.0.1:19080 127.0.0.1:4191 127.0.0.1:4140
 sidecar api-v1-1 api-v1 127.0.0.1:4243 127.0.0.1:19081 127.0.0.1:4291 off
@@ -74,6 +80,12 @@ wait_ready 127.0.0.1:4391 api-v2-1
 deadline=$((SECONDS + 20))
 until [ "$(get http://127.0.0.1:4191/config | grep -c '"address"')" -ge 2 ]; do
   (( SECONDS < deadline )) || { echo "instances did not register"; exit 1; }
+  sleep 0.1
+done
+# And until the sidecars hold certificates: web -> api answers over mTLS.
+deadline=$((SECONDS + 20))
+until get -H 'Host: api' http://127.0.0.1:4140/ >/dev/null 2>&1; do
+  (( SECONDS < deadline )) || { echo "no answer from api through the mesh"; exit 1; }
   sleep 0.1
 done
 ctl status
@@ -106,6 +118,14 @@ shift_to() { # v1-weight v2-weight
 
 echo "== one request: app -> web's sidecar -> api's sidecar -> api app"
 curl -sS -i -H 'Host: api' http://127.0.0.1:4140/ | sed 's/^/   /'
+echo "== mTLS: handshakes accepted by api-v1's sidecar, and its identity"
+get http://127.0.0.1:4291/metrics | grep -E '^remora_(tls_handshakes_total|identity_cert_expiry_seconds)' | sed 's/^/   /'
+echo "== plaintext straight to api-v1's sidecar (Strict mTLS): refused"
+if get -H 'Host: api-v1' http://127.0.0.1:4243/ >/dev/null 2>&1; then
+  echo "   answered: mTLS is not enforced!"; exit 1
+else
+  echo "   refused, as it should be"
+fi
 echo "== weights 100/0"
 count
 echo "== shift: weights 50/50"
