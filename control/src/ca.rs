@@ -226,6 +226,43 @@ impl Ca {
         })
     }
 
+    /// A serving certificate for the control plane itself (gRPC over TLS):
+    /// DNS and IP names, server auth only, valid for `lifetime` (or until
+    /// the CA's chain ends). Returns (chain PEM, key PEM).
+    pub fn issue_server(
+        &self,
+        dns_names: &[String],
+        ips: &[std::net::IpAddr],
+        lifetime: Duration,
+    ) -> Result<(String, String), CaError> {
+        let key = KeyPair::generate().map_err(CaError::Generate)?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, "remora-control");
+        params.distinguished_name = dn;
+        let mut sans = Vec::new();
+        for n in dns_names {
+            sans.push(SanType::DnsName(
+                n.clone().try_into().map_err(CaError::Generate)?,
+            ));
+        }
+        sans.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        params.subject_alt_names = sans;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let now = unix_now();
+        let secs = i64::try_from(lifetime.as_secs()).unwrap_or(i64::MAX);
+        params.not_before = datetime(now - BACKDATE_SECS);
+        params.not_after = datetime(now.saturating_add(secs).min(self.chain_not_after));
+        params.serial_number = Some(SerialNumber::from_slice(&random_serial()));
+        params.use_authority_key_identifier_extension = true;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(CaError::Generate)?;
+        Ok((cert.pem() + &self.chain_pem, key.serialize_pem()))
+    }
+
     /// PEM of every root trusted now.
     /// Publishes more roots (PEM, each self-signed) in the trust bundle, next
     /// to the CA's own: how a root rotation starts (old and new trusted

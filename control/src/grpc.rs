@@ -1,6 +1,7 @@
 //! The gRPC services: Discovery (one stream per proxy) and Admin (what
 //! remoractl calls). Thin: the state and its rules live in `mesh.rs`.
 
+use crate::identity::{TokenReviewer, Workload};
 use crate::mesh::Mesh;
 use crate::store::Store;
 use futures_util::Stream;
@@ -11,10 +12,106 @@ use remora_proto::control::*;
 use std::pin::Pin;
 use std::sync::Arc;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 pub struct DiscoveryService<S> {
     pub mesh: Arc<Mesh<S>>,
+    /// With TLS: who may open a Discovery stream.
+    pub auth: Option<DiscoveryAuth>,
+}
+
+/// A proxy opens its Discovery stream with its workload certificate (a TLS
+/// client certificate the CA issued, verified in the handshake) once it has
+/// one, and with its bootstrap token before that.
+pub struct DiscoveryAuth {
+    pub reviewer: Option<Arc<dyn TokenReviewer>>,
+}
+
+impl DiscoveryAuth {
+    async fn check<T>(&self, req: &Request<T>, hello: &Hello) -> Result<String, Status> {
+        if let Some(certs) = req.peer_certs() {
+            if let Some(leaf) = certs.first() {
+                return Ok(spiffe_id(leaf.as_ref()).unwrap_or_else(|| "certificate".into()));
+            }
+        }
+        let Some(token) = bearer(req) else {
+            return Err(Status::unauthenticated(
+                "Discovery requires a workload certificate or the bootstrap token",
+            ));
+        };
+        let Some(reviewer) = &self.reviewer else {
+            return Err(Status::unauthenticated(
+                "Discovery requires a workload certificate (no bootstrap tokens are configured)",
+            ));
+        };
+        let (ns, name) = hello.service.split_once('/').unwrap_or(("default", ""));
+        let workload = Workload {
+            namespace: ns,
+            service_account: if name.is_empty() {
+                &hello.node_id
+            } else {
+                name
+            },
+        };
+        reviewer
+            .review(token, workload)
+            .await
+            .map_err(|e| Status::unauthenticated(format!("bootstrap token refused: {e}")))?;
+        Ok("bootstrap token".into())
+    }
+}
+
+/// The SPIFFE ID (URI SAN) of a DER certificate.
+fn spiffe_id(der: &[u8]) -> Option<String> {
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|n| match n {
+        GeneralName::URI(u) if u.starts_with("spiffe://") => Some(u.to_string()),
+        _ => None,
+    })
+}
+
+fn bearer<T>(req: &Request<T>) -> Option<&str> {
+    req.metadata()
+        .get("authorization")?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+}
+
+/// Admin calls need the admin token when one is configured. The file is
+/// read on every call, so replacing it rotates the token.
+#[derive(Clone)]
+pub struct AdminAuth {
+    pub token_file: Option<Arc<std::path::PathBuf>>,
+}
+
+impl tonic::service::Interceptor for AdminAuth {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        let Some(path) = &self.token_file else {
+            return Ok(req);
+        };
+        let want = std::fs::read_to_string(path.as_path()).map_err(|e| {
+            warn!(path = %path.display(), error = %e, "admin token file unreadable");
+            Status::unavailable("the admin token cannot be checked")
+        })?;
+        match bearer(&req) {
+            Some(got) if crate::identity::same_secret(got.as_bytes(), want.trim().as_bytes()) => {
+                Ok(req)
+            }
+            got => {
+                warn!(
+                    presented = got.is_some(),
+                    "Admin call refused: missing or wrong admin token"
+                );
+                Err(Status::unauthenticated(
+                    "Admin requires the admin token (remoractl --token-file)",
+                ))
+            }
+        }
+    }
 }
 
 type SnapshotStream = Pin<Box<dyn Stream<Item = Result<Snapshot, Status>> + Send>>;
@@ -35,6 +132,21 @@ impl<S: Store> Discovery for DiscoveryService<S> {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<SnapshotStream>, Status> {
+        // What authentication needs of the request: its TLS peer and metadata.
+        let request_head = {
+            let mut r = Request::new(());
+            *r.metadata_mut() = request.metadata().clone();
+            if let Some(info) =
+                request
+                    .extensions()
+                    .get::<tonic::transport::server::TlsConnectInfo<
+                        tonic::transport::server::TcpConnectInfo,
+                    >>()
+            {
+                r.extensions_mut().insert(info.clone());
+            }
+            r
+        };
         let mut incoming = request.into_inner();
         let hello = match incoming.message().await? {
             Some(DiscoveryRequest {
@@ -46,7 +158,17 @@ impl<S: Store> Discovery for DiscoveryService<S> {
             return Err(Status::invalid_argument("Hello.node_id is required"));
         }
         let node = hello.node_id.clone();
-        info!(node, service = %hello.service, last_version = %hello.last_version, "proxy connected");
+        let credential = match &self.auth {
+            Some(auth) => match auth.check(&request_head, &hello).await {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(node, service = %hello.service, error = %e.message(), "Discovery stream refused");
+                    return Err(e);
+                }
+            },
+            None => "none".into(),
+        };
+        info!(node, service = %hello.service, last_version = %hello.last_version, %credential, "proxy connected");
         let (rx, conn) = self.mesh.connect(
             &node,
             &hello.service,

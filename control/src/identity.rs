@@ -92,7 +92,7 @@ impl TokenReviewer for FileTokenReviewer {
 
 /// Compares two secrets in constant time. Both are hashed first, so not
 /// even their lengths leak through timing.
-fn same_secret(a: &[u8], b: &[u8]) -> bool {
+pub fn same_secret(a: &[u8], b: &[u8]) -> bool {
     use aws_lc_rs::digest::{digest, SHA256};
     let (a, b) = (digest(&SHA256, a), digest(&SHA256, b));
     aws_lc_rs::constant_time::verify_slices_are_equal(a.as_ref(), b.as_ref()).is_ok()

@@ -32,6 +32,32 @@ pub struct DiscoveryConfig {
     /// Where the last-known-good snapshot is kept.
     pub state_dir: Option<PathBuf>,
     pub max_backoff: Duration,
+    /// Roots (PEM) that verify an https control plane.
+    pub ca_pem: Option<String>,
+    /// Presented (as a bearer token) until the proxy has a workload
+    /// certificate to present instead.
+    pub token_file: Option<PathBuf>,
+}
+
+/// The control plane's endpoint: for an https URL, TLS verified against
+/// `ca_pem` and, when given, a client certificate (chain PEM, key PEM).
+pub fn endpoint(
+    url: &str,
+    ca_pem: Option<&str>,
+    client: Option<(&str, &str)>,
+) -> Result<tonic::transport::Endpoint, tonic::transport::Error> {
+    let mut e = tonic::transport::Endpoint::from_shared(url.to_string())?;
+    if url.starts_with("https://") {
+        let mut tls = tonic::transport::ClientTlsConfig::new();
+        if let Some(ca) = ca_pem {
+            tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(ca));
+        }
+        if let Some((chain, key)) = client {
+            tls = tls.identity(tonic::transport::Identity::from_pem(chain, key));
+        }
+        e = e.tls_config(tls)?;
+    }
+    Ok(e)
 }
 
 const LKG_FILE: &str = "last-known-good.pb";
@@ -135,8 +161,10 @@ pub async fn run(
             Ok(()) => {
                 warn!(running_version = %running, "control plane closed the stream; reconnecting")
             }
-            Err(e) => warn!(url = %cfg.url, error = %e, running_version = %running,
-                "control plane unreachable; serving the running config"),
+            Err(e) => {
+                warn!(url = %cfg.url, error = %crate::identity::with_sources(&*e), running_version = %running,
+                "control plane unreachable; serving the running config")
+            }
         }
         if got_snapshot {
             backoff = Duration::from_millis(100);
@@ -162,7 +190,19 @@ async fn session(
     last_version: &mut String,
     got_snapshot: &mut bool,
 ) -> Result<(), BoxError> {
-    let channel = tonic::transport::Endpoint::from_shared(cfg.url.clone())?
+    // Our workload certificate once we have one; the bootstrap token before.
+    let creds = proxy.tls.as_ref().and_then(|t| t.store().current());
+    let client = creds
+        .as_ref()
+        .map(|c| (c.pem.0 .0.as_str(), c.pem.0 .1.as_str()));
+    let token = match (&creds, &cfg.token_file) {
+        (None, Some(f)) => tokio::fs::read_to_string(f)
+            .await
+            .ok()
+            .map(|t| t.trim().to_string()),
+        _ => None,
+    };
+    let channel = endpoint(&cfg.url, cfg.ca_pem.as_deref(), client)?
         .connect_timeout(Duration::from_secs(3))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
@@ -170,6 +210,11 @@ async fn session(
         .connect()
         .await?;
     let mut client = DiscoveryClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let bearer = token.filter(|t| !t.is_empty()).and_then(|t| {
+        format!("Bearer {t}")
+            .parse::<tonic::metadata::MetadataValue<_>>()
+            .ok()
+    });
     let (tx, rx) = mpsc::channel(16);
     let hello = Hello {
         node_id: cfg.node_id.clone(),
@@ -178,10 +223,11 @@ async fn session(
         instance: cfg.instance.clone(),
     };
     tx.send(request(Kind::Hello(hello))).await?;
-    let mut stream = client
-        .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await?
-        .into_inner();
+    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    if let Some(b) = bearer {
+        req.metadata_mut().insert("authorization", b);
+    }
+    let mut stream = client.stream(req).await?.into_inner();
     proxy.metrics.control_plane_connected.set(1);
     info!(url = %cfg.url, node = %cfg.node_id, "connected to the control plane");
     loop {

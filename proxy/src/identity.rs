@@ -48,6 +48,8 @@ pub struct IdentityConfig {
     pub token_file: PathBuf,
     /// Longest wait between failed requests.
     pub max_backoff: Duration,
+    /// Roots (PEM) that verify an https control plane.
+    pub ca_pem: Option<String>,
 }
 
 impl IdentityConfig {
@@ -109,6 +111,18 @@ pub struct Credentials {
     /// `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`
     pub spiffe_id: String,
     pub not_after: SystemTime,
+    /// The chain and key as PEM, for the control-plane connection (tonic's
+    /// TLS takes PEM). Never printed.
+    pub pem: Secret<(String, String)>,
+}
+
+/// Hides a value from Debug output.
+pub struct Secret<T>(pub T);
+
+impl<T> std::fmt::Debug for Secret<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 /// The current credentials, swapped whole on renewal, and the trust
@@ -243,6 +257,7 @@ pub fn credentials(
         roots: Arc::new(roots),
         spiffe_id,
         not_after,
+        pem: Secret((resp.cert_chain_pem.clone(), key.serialize_pem())),
     })
 }
 
@@ -294,7 +309,7 @@ pub async fn fetch(cfg: &IdentityConfig) -> Result<Credentials, IdentityError> {
         .await
         .map_err(|e| token_err(e.to_string()))?;
     let (key, csr_pem) = new_key()?;
-    let channel = tonic::transport::Endpoint::from_shared(cfg.url.clone())?
+    let channel = crate::discovery::endpoint(&cfg.url, cfg.ca_pem.as_deref(), None)?
         .connect_timeout(Duration::from_secs(3))
         .timeout(Duration::from_secs(10))
         .connect()
@@ -384,7 +399,7 @@ pub async fn run(
 }
 
 /// An error and its causes on one line ("transport error" alone says little).
-fn with_sources(e: &dyn std::error::Error) -> String {
+pub(crate) fn with_sources(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cause = e.source();
     while let Some(c) = cause {
@@ -664,6 +679,7 @@ mod tests {
             service_account: sa.into(),
             token_file: f.to_path_buf(),
             max_backoff: Duration::from_secs(1),
+            ca_pem: None,
         };
         assert!(cfg("shop", "api", &token).check().is_ok());
         assert!(cfg("Shop", "api", &token).check().is_err());

@@ -52,6 +52,10 @@ struct Args {
     /// from it instead of a file.
     #[arg(long, env = "REMORA_CONTROL_PLANE")]
     control_plane: Option<String>,
+    /// Root certificate(s) (PEM) that verify an https control plane (its
+    /// CA's root, <data-dir>/ca/root.pem; in Kubernetes a ConfigMap).
+    #[arg(long, env = "REMORA_CONTROL_PLANE_CA", requires = "control_plane")]
+    control_plane_ca: Option<PathBuf>,
     /// The Service this proxy fronts ("name" or "namespace/name"); its
     /// instance registers under it with the control plane.
     #[arg(long, env = "REMORA_SERVICE")]
@@ -512,7 +516,32 @@ fn discovery_config(
         instance,
         state_dir: Some(state_dir),
         max_backoff: args.control_plane_max_backoff,
+        ca_pem: control_plane_ca(args)?,
+        token_file: args.bootstrap_token_file.clone(),
     })
+}
+
+/// The roots that verify an https control plane (--control-plane-ca).
+fn control_plane_ca(args: &Args) -> Result<Option<String>> {
+    let https = args
+        .control_plane
+        .as_deref()
+        .is_some_and(|u| u.starts_with("https://"));
+    match &args.control_plane_ca {
+        Some(f) => {
+            let pem = std::fs::read_to_string(f)
+                .with_context(|| format!("--control-plane-ca {}", f.display()))?;
+            if !pem.contains("-----BEGIN CERTIFICATE-----") {
+                bail!("--control-plane-ca {}: no PEM certificate in it", f.display());
+            }
+            Ok(Some(pem))
+        }
+        None if https => bail!(
+            "--control-plane {}: an https control plane needs --control-plane-ca (its root certificate, PEM)",
+            args.control_plane.as_deref().unwrap_or("")
+        ),
+        None => Ok(None),
+    }
 }
 
 fn identity_config(args: &Args, token_file: PathBuf) -> Result<IdentityConfig> {
@@ -533,6 +562,7 @@ fn identity_config(args: &Args, token_file: PathBuf) -> Result<IdentityConfig> {
             .unwrap_or_else(|| "default".to_string()),
         token_file,
         max_backoff: args.control_plane_max_backoff,
+        ca_pem: control_plane_ca(args)?,
     };
     cfg.check().map_err(anyhow::Error::msg)?;
     Ok(cfg)

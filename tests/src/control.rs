@@ -29,6 +29,30 @@ impl ControlProcess {
         grace: &str,
         extra: &[&str],
     ) -> ControlProcess {
+        let cp = Self::spawn_with(addr, data, grace, extra).await;
+        let addr = cp.addr;
+        wait_until(
+            "control plane answers",
+            Duration::from_secs(20),
+            || async move {
+                match AdminClient::connect(format!("http://{addr}")).await {
+                    Ok(mut c) => c.status(StatusRequest {}).await.is_ok(),
+                    Err(_) => false,
+                }
+            },
+        )
+        .await;
+        cp
+    }
+
+    /// Starts the control plane and waits until it listens (not until it
+    /// answers: with --tls, plain clients cannot tell).
+    pub async fn spawn_with(
+        addr: SocketAddr,
+        data: &TempDir,
+        grace: &str,
+        extra: &[&str],
+    ) -> ControlProcess {
         let mut child = Command::new(binary("remora-control"))
             .arg("--listen")
             .arg(addr.to_string())
@@ -58,30 +82,14 @@ impl ControlProcess {
                 l.push('\n');
             }
         });
-        let addr = if addr.port() == 0 {
-            crate::bound_addr(
-                &mut child,
-                &logs,
-                "control plane listening",
-                Duration::from_secs(20),
-            )
-            .await
-        } else {
-            addr
-        };
-        let cp = ControlProcess { child, addr, logs };
-        wait_until(
-            "control plane answers",
+        let addr = crate::bound_addr(
+            &mut child,
+            &logs,
+            "control plane listening",
             Duration::from_secs(20),
-            || async move {
-                match AdminClient::connect(format!("http://{addr}")).await {
-                    Ok(mut c) => c.status(StatusRequest {}).await.is_ok(),
-                    Err(_) => false,
-                }
-            },
         )
         .await;
-        cp
+        ControlProcess { child, addr, logs }
     }
 
     pub async fn start(data: &TempDir) -> ControlProcess {

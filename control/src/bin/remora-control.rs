@@ -5,7 +5,7 @@ use anyhow::Context;
 use clap::Parser;
 use remora_control::ca::{self, Ca};
 use remora_control::identity::{FileTokenReviewer, IdentityService, TokenReviewer};
-use remora_control::{mesh::Mesh, serve, store::FileStore};
+use remora_control::{mesh::Mesh, serve, store::FileStore, Security};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -58,6 +58,31 @@ struct Args {
     /// issued.
     #[arg(long, env = "REMORA_BOOTSTRAP_TOKEN_FILE")]
     bootstrap_token_file: Option<PathBuf>,
+
+    /// Serve gRPC over TLS, with a certificate the CA issues to the control
+    /// plane itself for the --server-name names and the --listen IP (when
+    /// it is not 0.0.0.0). Proxies verify it (remora-proxy
+    /// --control-plane-ca); Discovery then requires a workload certificate
+    /// or the bootstrap token. Renewed at each start.
+    #[arg(long, env = "REMORA_TLS")]
+    tls: bool,
+    /// DNS names in the control plane's own certificate (comma-separated or
+    /// repeated).
+    #[arg(
+        long,
+        env = "REMORA_SERVER_NAME",
+        value_delimiter = ',',
+        default_value = "remora-control,localhost"
+    )]
+    server_name: Vec<String>,
+    /// Lifetime of the control plane's own certificate (2160h: 90 days).
+    #[arg(long, env = "REMORA_SERVER_CERT_LIFETIME", default_value = "2160h", value_parser = remora_proto::duration::parse)]
+    server_cert_lifetime: Duration,
+    /// File holding the token every Admin call (remoractl) must present
+    /// (read on each call, so it can be replaced). Without it the Admin API
+    /// is open to anyone who can reach it.
+    #[arg(long, env = "REMORA_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -80,12 +105,44 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("loading the config history")?;
     mesh.persist_instances(args.data_dir.join("instances.pb"));
-    let (identity, bundle) = identity(&args)?;
-    mesh.set_trust_bundle(&bundle);
+    let pki = identity(&args)?;
+    mesh.set_trust_bundle(&pki.bundle);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
     let addr = listener.local_addr().context("listener address")?;
+    let mut security = Security {
+        discovery_reviewer: pki.reviewer.clone(),
+        admin_token_file: args.admin_token_file.clone(),
+        client_roots_pem: pki.bundle.clone(),
+        tls: None,
+    };
+    match &args.admin_token_file {
+        Some(f) => {
+            let t = std::fs::read_to_string(f)
+                .with_context(|| format!("--admin-token-file {}", f.display()))?;
+            anyhow::ensure!(
+                !t.trim().is_empty(),
+                "--admin-token-file {}: empty",
+                f.display()
+            );
+        }
+        None => warn!("no --admin-token-file: the Admin API is open to anyone who reaches {addr}"),
+    }
+    if args.tls {
+        let ips: Vec<std::net::IpAddr> = [addr.ip()]
+            .into_iter()
+            .filter(|ip| !ip.is_unspecified())
+            .collect();
+        let cert = pki
+            .ca
+            .issue_server(&args.server_name, &ips, args.server_cert_lifetime)
+            .context("issuing the control plane's certificate")?;
+        info!(names = ?args.server_name, ips = ?ips, lifetime = ?args.server_cert_lifetime, "serving gRPC over TLS");
+        security.tls = Some(cert);
+    } else {
+        warn!("no --tls: gRPC is plaintext, and Discovery is open to anyone who reaches {addr}");
+    }
     info!(%addr, data_dir = %args.data_dir.display(), "control plane listening");
     // Graceful shutdown waits for open streams, and a proxy's Discovery
     // stream never ends by itself: after a short grace, close them (the
@@ -100,7 +157,7 @@ async fn main() -> anyhow::Result<()> {
         let _ = graceful.wait_for(|stop| *stop).await;
     };
     tokio::select! {
-        served = serve(mesh.clone(), identity, listener, graceful) => served?,
+        served = serve(mesh.clone(), pki.service, security, listener, graceful) => served?,
         _ = async {
             let _ = forced.wait_for(|stop| *stop).await;
             tokio::time::sleep(Duration::from_secs(2)).await;
@@ -113,7 +170,16 @@ async fn main() -> anyhow::Result<()> {
 
 /// The CA (the operator's, or the one kept in the data directory) and who
 /// may ask it for certificates.
-fn identity(args: &Args) -> anyhow::Result<(IdentityService, String)> {
+/// The CA, the Identity service on it, the trust bundle, and the reviewer
+/// of bootstrap tokens.
+struct Pki {
+    service: IdentityService,
+    ca: Arc<Ca>,
+    bundle: String,
+    reviewer: Option<Arc<dyn TokenReviewer>>,
+}
+
+fn identity(args: &Args) -> anyhow::Result<Pki> {
     let reviewer = match &args.bootstrap_token_file {
         Some(path) => {
             let r = FileTokenReviewer::open(path)
@@ -139,7 +205,13 @@ fn identity(args: &Args) -> anyhow::Result<(IdentityService, String)> {
         None => ca,
     };
     let bundle = ca.trust_bundle_pem().to_string();
-    Ok((IdentityService::new(Arc::new(ca), reviewer), bundle))
+    let ca = Arc::new(ca);
+    Ok(Pki {
+        service: IdentityService::new(ca.clone(), reviewer.clone()),
+        ca,
+        bundle,
+        reviewer,
+    })
 }
 
 async fn shutdown() {

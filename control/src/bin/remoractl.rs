@@ -17,7 +17,8 @@ Exit codes:
   0  success (for `diff`: no changes)
   1  invalid input, or the server rejected the request (its message names
      the resource and field); for `diff`: there are changes
-  2  usage error or unreadable file (for `diff`: also invalid input)
+  2  usage error, unreadable file, or credentials refused (for `diff`:
+     also invalid input)
   3  control plane unreachable, or another server error";
 
 #[derive(Parser)]
@@ -33,7 +34,8 @@ Exit codes:
     after_help = EXIT_CODES
 )]
 struct Cli {
-    /// The control plane's gRPC address (plain HTTP/2).
+    /// The control plane's gRPC address: http://host:port, or https:// when
+    /// it serves TLS (then --ca-file verifies it).
     #[arg(
         long,
         global = true,
@@ -47,6 +49,14 @@ struct Cli {
     /// request ("5s", "500ms", "1m"; a bare number means seconds).
     #[arg(long, global = true, default_value = "5s", value_parser = parse_timeout, value_name = "DURATION")]
     timeout: Duration,
+
+    /// Root certificate(s) (PEM) that verify an https control plane.
+    #[arg(long, global = true, env = "REMORA_CA_FILE", value_name = "FILE")]
+    ca_file: Option<PathBuf>,
+
+    /// File holding the admin token (remora-control --admin-token-file).
+    #[arg(long, global = true, env = "REMORA_TOKEN_FILE", value_name = "FILE")]
+    token_file: Option<PathBuf>,
 
     #[command(subcommand)]
     command: Command,
@@ -202,6 +212,8 @@ fn main() -> ExitCode {
     let ctx = Ctx {
         server: cli.server,
         timeout: cli.timeout,
+        ca_file: cli.ca_file,
+        token_file: cli.token_file,
     };
     let result = match cli.command {
         Command::Check { file } => commands::check(&file.file),

@@ -16,31 +16,71 @@ use std::path::Path;
 use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 
-/// Where the control plane is and how long to wait for it.
+/// Where the control plane is, how long to wait for it, and how to prove
+/// who we are.
 pub struct Ctx {
     pub server: String,
     pub timeout: Duration,
+    pub ca_file: Option<std::path::PathBuf>,
+    pub token_file: Option<std::path::PathBuf>,
 }
+
+/// Adds the admin token to every call.
+#[derive(Clone)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+type Client = AdminClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
 
 impl Ctx {
     /// Connects (eagerly, so an unreachable server fails here with exit 3).
-    async fn client(&self) -> Result<AdminClient<Channel>, Failure> {
+    async fn client(&self) -> Result<Client, Failure> {
         let url = if self.server.contains("://") {
             self.server.clone()
         } else {
             format!("http://{}", self.server)
         };
-        let endpoint = Endpoint::from_shared(url.clone())
+        let mut endpoint = Endpoint::from_shared(url.clone())
             .map_err(|e| Failure::usage(format!("invalid --server URL {:?}: {e}", self.server)))?
             .connect_timeout(self.timeout)
             .timeout(self.timeout);
+        if url.starts_with("https://") {
+            let mut tls = tonic::transport::ClientTlsConfig::new();
+            if let Some(f) = &self.ca_file {
+                let pem = std::fs::read_to_string(f)
+                    .map_err(|e| Failure::usage(format!("--ca-file {}: {e}", f.display())))?;
+                tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(pem));
+            }
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|e| Failure::usage(format!("TLS settings: {}", error_chain(&e))))?;
+        }
+        let token = match &self.token_file {
+            Some(f) => {
+                let t = std::fs::read_to_string(f)
+                    .map_err(|e| Failure::usage(format!("--token-file {}: {e}", f.display())))?;
+                let v = format!("Bearer {}", t.trim()).parse().map_err(|_| {
+                    Failure::usage(format!("--token-file {}: not a valid token", f.display()))
+                })?;
+                Some(v)
+            }
+            None => None,
+        };
         let channel = endpoint.connect().await.map_err(|e| {
             Failure::server(format!(
                 "cannot reach the control plane at {url}: {}",
                 error_chain(&e)
             ))
         })?;
-        Ok(AdminClient::new(channel))
+        Ok(AdminClient::with_interceptor(channel, Bearer(token)))
     }
 
     fn status(&self, s: tonic::Status) -> Failure {

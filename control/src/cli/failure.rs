@@ -58,6 +58,11 @@ impl Failure {
                 "request to {server} timed out: {}",
                 or_code(msg, status.code())
             )),
+            // A credential problem is the caller's to fix: like a usage error.
+            Code::Unauthenticated | Code::PermissionDenied => Failure::usage(format!(
+                "the control plane at {server} refused the credentials: {}",
+                or_code(msg, status.code())
+            )),
             Code::Unimplemented => Failure::server(format!(
                 "the control plane at {server} does not implement this call: {}",
                 or_code(msg, status.code())
