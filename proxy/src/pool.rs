@@ -57,6 +57,9 @@ const H2_STREAMS_PER_CONN: usize = 100;
 /// The connection pool of one backend.
 pub struct Pool {
     pub client: Client<Connector, Body>,
+    /// For Upgrade requests (WebSocket) to mTLS endpoints: HTTP/1.1 over
+    /// mTLS, since an HTTP/2 connection cannot carry an HTTP/1.1 upgrade.
+    pub upgrade_client: Option<Client<Connector, Body>>,
     tls: Option<ClusterTls>,
     inflight: Arc<AtomicUsize>,
     max_inflight: usize,
@@ -68,15 +71,24 @@ impl Pool {
             connect_timeout: cfg.connect_timeout,
             permits: Arc::new(Semaphore::new(cfg.max_connections.max(1))),
             tls: tls.clone(),
+            http1: false,
         };
         let mut b = Client::builder(TokioExecutor::new());
         b.pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .pool_idle_timeout(cfg.idle_timeout)
-            .pool_max_idle_per_host(cfg.max_connections)
-            .http2_only(http2);
+            .pool_max_idle_per_host(cfg.max_connections);
+        // Upgrades share the connection cap.
+        let upgrade_client = tls.is_some().then(|| {
+            b.build(Connector {
+                http1: true,
+                ..connector.clone()
+            })
+        });
+        b.http2_only(http2);
         let per_conn = if http2 { H2_STREAMS_PER_CONN } else { 1 };
         Pool {
+            upgrade_client,
             client: b.build(connector),
             tls,
             inflight: Arc::new(AtomicUsize::new(0)),
@@ -121,6 +133,8 @@ pub struct Connector {
     connect_timeout: Duration,
     permits: Arc<Semaphore>,
     tls: Option<ClusterTls>,
+    /// Offer only HTTP/1.1 in ALPN (the upgrade client).
+    http1: bool,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -138,6 +152,7 @@ impl tower_service::Service<Uri> for Connector {
         let permits = self.permits.clone();
         let timeout = self.connect_timeout;
         let tls = (uri.scheme() == Some(&http::uri::Scheme::HTTPS)).then(|| self.tls.clone());
+        let http1 = self.http1;
         Box::pin(async move {
             let addr: SocketAddr = uri
                 .authority()
@@ -156,7 +171,7 @@ impl tower_service::Service<Uri> for Connector {
                         .mesh
                         .expected_id(&t.namespace, &t.service_account)
                         .ok_or("no workload certificate yet")?;
-                    let s = t.mesh.connect(stream, addr.ip(), expect).await?;
+                    let s = t.mesh.connect(stream, addr.ip(), expect, http1).await?;
                     Stream::Tls(Box::new(s))
                 }
             };

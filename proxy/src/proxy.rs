@@ -396,7 +396,13 @@ impl Proxy {
         set_upstream_uri(&mut req, ep);
         let _inflight = ep.load.start();
         let t0 = Instant::now();
-        let sent = cluster.pool.client.request(req);
+        // An Upgrade to an mTLS endpoint needs HTTP/1.1 (the mesh's
+        // connections are HTTP/2).
+        let client = match &cluster.pool.upgrade_client {
+            Some(c) if ep.tls() && req.headers().contains_key(header::UPGRADE) => c,
+            _ => &cluster.pool.client,
+        };
+        let sent = client.request(req);
         let result = match per_try {
             Some(d) => tokio::time::timeout(d, sent).await,
             None => Ok(sent.await),

@@ -153,8 +153,14 @@ impl MeshTls {
         result
     }
 
-    /// A client config that accepts only `expect` as the server.
-    pub fn client_config(&self, expect: String) -> Result<Arc<ClientConfig>, io::Error> {
+    /// A client config that accepts only `expect` as the server, offering
+    /// HTTP/2 (or HTTP/1.1 only, for Upgrade requests: a WebSocket
+    /// handshake needs an HTTP/1.1 connection).
+    pub fn client_config(
+        &self,
+        expect: String,
+        http1: bool,
+    ) -> Result<Arc<ClientConfig>, io::Error> {
         let roots = self
             .store
             .roots()
@@ -170,7 +176,11 @@ impl MeshTls {
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(verifier))
             .with_client_cert_resolver(self.store.clone());
-        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        cfg.alpn_protocols = vec![if http1 {
+            b"http/1.1".to_vec()
+        } else {
+            b"h2".to_vec()
+        }];
         cfg.resumption = rustls::client::Resumption::disabled();
         Ok(Arc::new(cfg))
     }
@@ -181,12 +191,13 @@ impl MeshTls {
         io: TcpStream,
         ip: IpAddr,
         expect: String,
+        http1: bool,
     ) -> Result<client::TlsStream<TcpStream>, io::Error> {
         let result = async {
             if self.store.current().is_none() {
                 return Err(io::Error::other("no workload certificate yet"));
             }
-            let cfg = self.client_config(expect)?;
+            let cfg = self.client_config(expect, http1)?;
             let conn = TlsConnector::from(cfg).connect(ServerName::IpAddress(ip.into()), io);
             tokio::time::timeout(HANDSHAKE_TIMEOUT, conn)
                 .await

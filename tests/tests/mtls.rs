@@ -815,3 +815,58 @@ async fn openssl_sees_tls13_only_and_a_demanded_client_certificate() {
         "no client certificate was demanded:\n{tls13}"
     );
 }
+
+#[tokio::test]
+async fn websocket_upgrade_crosses_the_mesh_over_mtls() {
+    let mesh = Mesh::start("1h").await;
+    let app = Upstream::start("api", Behavior::Demo).await;
+    let api = mesh.sidecar("api-1", "api", Some(app.addr), &[]).await;
+    let web = mesh.sidecar("web-1", "web", None, &[]).await;
+    wait_serving(&web, "api").await;
+
+    let mut s = TcpStream::connect(web.outbound).await.unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: api\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut byte))
+            .await
+            .expect("101 in time")
+            .unwrap();
+        assert_eq!(
+            n,
+            1,
+            "closed before the response head: {:?}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let payload: Vec<u8> = (0..32 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let mut back = vec![0u8; payload.len()];
+    let (mut r, mut w) = s.split();
+    let (wr, rd) = tokio::time::timeout(Duration::from_secs(10), async {
+        tokio::join!(w.write_all(&payload), r.read_exact(&mut back))
+    })
+    .await
+    .expect("echo in time");
+    wr.unwrap();
+    rd.unwrap();
+    assert!(back == payload, "the tunnel changed the bytes");
+    // It crossed the mesh over mTLS.
+    assert!(
+        api.metric(
+            "remora_tls_handshakes_total",
+            &["direction=\"inbound\"", "result=\"ok\""]
+        )
+        .await
+            >= 2.0,
+        "the upgrade did not use its own mTLS connection"
+    );
+}
