@@ -79,7 +79,8 @@ struct Args {
     control_plane_max_backoff: Duration,
     /// File holding the bootstrap token presented to the control plane for
     /// this proxy's identity certificate (read before each request). With
-    /// --control-plane, the proxy gets a certificate and renews it.
+    /// it the proxy gets a certificate, renews it, and speaks mTLS with the
+    /// other sidecars.
     #[arg(long, env = "REMORA_BOOTSTRAP_TOKEN_FILE", requires = "control_plane")]
     bootstrap_token_file: Option<PathBuf>,
     /// Namespace of this proxy's identity (defaults to --namespace).
