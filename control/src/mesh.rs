@@ -16,7 +16,7 @@ use prost::Message;
 use remora_proto::control::{
     ChangeResponse, Instance, ProxyStatus, Registration, Registrations, ResourceChange, Snapshot,
 };
-use remora_proto::model::{Config, Endpoint, HttpRoute, Service};
+use remora_proto::model::{Config, Endpoint, HttpRoute, PolicyTargetRef, Service};
 use remora_proto::validate::{normalize, qualify};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
@@ -234,38 +234,32 @@ pub fn scope_config(cfg: &Config, service: &str) -> Config {
         })
         .collect();
     let route_ids: BTreeSet<String> = routes.iter().map(|r| id(r.metadata.as_ref())).collect();
+    // A policy goes with its target: a route this proxy has, or a Service
+    // (any it needs for rate limits; its own for authorization, which only
+    // the target's proxies enforce).
+    let wanted = |t: Option<&PolicyTargetRef>, service_ok: &dyn Fn(&str) -> bool| {
+        let t = t.cloned().unwrap_or_default();
+        let target = format!("{}/{}", t.namespace, t.name);
+        match t.kind.as_str() {
+            "HTTPRoute" => route_ids.contains(&target),
+            _ => service_ok(&target),
+        }
+    };
     let rate_limit_policies = cfg
         .rate_limit_policies
         .iter()
         .filter(|p| {
-            let t = p
-                .spec
-                .as_ref()
-                .and_then(|s| s.target_ref.clone())
-                .unwrap_or_default();
-            let target = format!("{}/{}", t.namespace, t.name);
-            match t.kind.as_str() {
-                "HTTPRoute" => route_ids.contains(&target),
-                _ => needed.contains(&target),
-            }
+            let t = p.spec.as_ref().and_then(|s| s.target_ref.as_ref());
+            wanted(t, &|s| needed.contains(s))
         })
         .cloned()
         .collect();
-    // Enforced by the target's own proxies only.
     let authorization_policies = cfg
         .authorization_policies
         .iter()
         .filter(|p| {
-            let t = p
-                .spec
-                .as_ref()
-                .and_then(|s| s.target_ref.clone())
-                .unwrap_or_default();
-            let target = format!("{}/{}", t.namespace, t.name);
-            match t.kind.as_str() {
-                "HTTPRoute" => route_ids.contains(&target),
-                _ => target == service,
-            }
+            let t = p.spec.as_ref().and_then(|s| s.target_ref.as_ref());
+            wanted(t, &|s| s == service)
         })
         .cloned()
         .collect();
@@ -760,5 +754,58 @@ spec:
         assert_eq!(s.http_routes[0].spec.as_ref().unwrap().parent_refs.len(), 1);
         // What the proxy receives is itself a valid config.
         remora_proto::prepare(s).unwrap();
+    }
+
+    #[test]
+    fn authorization_policies_go_to_their_targets_proxies_only() {
+        let c = cfg(r#"
+kind: Service
+metadata: {name: front}
+spec: {ports: [{port: 80}], calls: [cart]}
+---
+kind: Service
+metadata: {name: cart}
+spec: {ports: [{port: 80}], calls: [billing]}
+---
+kind: Service
+metadata: {name: billing}
+spec: {ports: [{port: 80}]}
+---
+kind: HTTPRoute
+metadata: {name: cart-admin}
+spec:
+  parentRefs: [{name: cart}]
+  rules: [{backendRefs: [{name: cart}]}]
+---
+kind: AuthorizationPolicy
+metadata: {name: cart-callers}
+spec:
+  targetRef: {name: cart}
+  from: [{namespace: default}]
+---
+kind: AuthorizationPolicy
+metadata: {name: cart-admin}
+spec:
+  targetRef: {kind: HTTPRoute, name: cart-admin}
+  from: [{namespace: ops}]
+"#);
+        let names = |s: &Config| -> Vec<String> {
+            s.authorization_policies
+                .iter()
+                .map(|p| p.metadata.as_ref().unwrap().name.clone())
+                .collect()
+        };
+        // cart's proxies enforce both, and have the route the second targets.
+        let cart = scope_config(&c, "default/cart");
+        assert_eq!(names(&cart), ["cart-callers", "cart-admin"]);
+        assert!(cart
+            .http_routes
+            .iter()
+            .any(|r| r.metadata.as_ref().unwrap().name == "cart-admin"));
+        remora_proto::prepare(cart).unwrap();
+        // A Service-level policy stays with its target, not its callers.
+        let front = scope_config(&c, "default/front");
+        assert!(!names(&front).contains(&"cart-callers".to_string()));
+        remora_proto::prepare(front).unwrap();
     }
 }
