@@ -282,6 +282,11 @@ async fn strict_inbound_accepts_only_a_valid_mesh_certificate() {
         [WEB_ID],
         "the app must see exactly the verified caller"
     );
+    assert_eq!(
+        last.headers.get("host").and_then(|h| h.to_str().ok()),
+        Some("api"),
+        "the Host the caller wrote survives the HTTP/2 hop between proxies"
+    );
     assert!(
         web.metric(
             "remora_tls_handshakes_total",
