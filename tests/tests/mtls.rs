@@ -875,3 +875,75 @@ async fn websocket_upgrade_crosses_the_mesh_over_mtls() {
         "the upgrade did not use its own mTLS connection"
     );
 }
+
+#[tokio::test]
+async fn grpc_streams_and_trailers_cross_the_mesh_over_mtls() {
+    use remora_tests::grpc::echo::echo_client::EchoClient;
+    use remora_tests::grpc::echo::{EchoRequest, StreamRequest};
+    use remora_tests::grpc::GrpcServer;
+    let mesh = Mesh::start("1h").await;
+    mesh.cp
+        .apply("kind: Service\nmetadata: {name: greeter}\nspec:\n  ports: [{port: 50051, protocol: grpc}]\n---\nkind: Service\nmetadata: {name: web}\nspec:\n  ports: [{port: 80}]\n  calls: [api, greeter]\n")
+        .await
+        .unwrap();
+    let server = GrpcServer::start("greeter-1").await;
+    let greeter = mesh
+        .sidecar(
+            "greeter-1",
+            "greeter",
+            Some(server.addr),
+            &["--app-protocol", "grpc"],
+        )
+        .await;
+    let web = mesh.sidecar("web-1", "web", None, &[]).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", web.outbound))
+        .unwrap()
+        .origin("http://greeter:50051".parse().unwrap())
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .unwrap();
+    let mut client = EchoClient::new(channel);
+    let req = || EchoRequest {
+        message: "hi".into(),
+        ..Default::default()
+    };
+    wait_until("greeter answers over mTLS", Duration::from_secs(30), || {
+        let mut c = client.clone();
+        async move { c.unary(req()).await.is_ok() }
+    })
+    .await;
+    let reply = client.unary(req()).await.unwrap().into_inner();
+    assert_eq!(
+        (reply.message.as_str(), reply.server.as_str()),
+        ("hi", "greeter-1")
+    );
+
+    // A server stream ending in a status with custom trailers.
+    let mut stream = client
+        .server_stream(StreamRequest {
+            message: "s".into(),
+            count: 50,
+            end_code: tonic::Code::Ok as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut n = 0;
+    while let Some(m) = stream.message().await.unwrap() {
+        assert_eq!(m.message, format!("s-{n}"));
+        n += 1;
+    }
+    assert_eq!(n, 50);
+    let trailers = stream.trailers().await.unwrap().expect("trailers");
+    assert_eq!(trailers.get("x-echo-trailer").unwrap(), "s");
+    assert!(
+        greeter
+            .metric(
+                "remora_tls_handshakes_total",
+                &["direction=\"inbound\"", "result=\"ok\""]
+            )
+            .await
+            >= 1.0
+    );
+}
