@@ -78,10 +78,12 @@ impl State {
     }
 
     /// The config with registered instances joined to their Services, and
-    /// a fingerprint of those instances.
+    /// a fingerprint of those instances and of the trust bundle (so a new
+    /// bundle alone makes a new snapshot version, sent to every proxy).
     fn effective(&self) -> (Config, u64) {
         let (_, mut cfg) = self.current();
         let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.trust_bundle_pem.hash(&mut h);
         for (service, inst) in self.instances.values() {
             (service, &inst.address, inst.port).hash(&mut h);
             let mut labels: Vec<_> = inst.labels.iter().collect();
@@ -305,7 +307,9 @@ impl<S: Store> Mesh<S> {
 
     /// The trust bundle every snapshot carries (set before serving).
     pub fn set_trust_bundle(&self, pem: &str) {
-        self.lock().trust_bundle_pem = pem.to_string();
+        let mut st = self.lock();
+        st.trust_bundle_pem = pem.to_string();
+        st.publish();
     }
 
     /// Restores the instances registered before a restart (kept in `path`)

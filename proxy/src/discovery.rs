@@ -40,16 +40,18 @@ pub struct DiscoveryConfig {
 }
 
 /// The control plane's endpoint: for an https URL, TLS verified against
-/// `ca_pem` and, when given, a client certificate (chain PEM, key PEM).
+/// `roots` (PEM: `--control-plane-ca`, and the mesh's current trust bundle,
+/// so a root rotation carries over) and, when given, a client certificate
+/// (chain PEM, key PEM).
 pub fn endpoint(
     url: &str,
-    ca_pem: Option<&str>,
+    roots: &[&str],
     client: Option<(&str, &str)>,
 ) -> Result<tonic::transport::Endpoint, tonic::transport::Error> {
     let mut e = tonic::transport::Endpoint::from_shared(url.to_string())?;
     if url.starts_with("https://") {
         let mut tls = tonic::transport::ClientTlsConfig::new();
-        if let Some(ca) = ca_pem {
+        for ca in roots {
             tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(ca));
         }
         if let Some((chain, key)) = client {
@@ -202,7 +204,14 @@ async fn session(
             .map(|t| t.trim().to_string()),
         _ => None,
     };
-    let channel = endpoint(&cfg.url, cfg.ca_pem.as_deref(), client)?
+    let bundle = proxy.tls.as_ref().and_then(|t| t.store().bundle_pem());
+    let roots: Vec<&str> = cfg
+        .ca_pem
+        .as_deref()
+        .into_iter()
+        .chain(bundle.as_deref().map(String::as_str))
+        .collect();
+    let channel = endpoint(&cfg.url, &roots, client)?
         .connect_timeout(Duration::from_secs(3))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))

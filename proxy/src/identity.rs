@@ -111,6 +111,8 @@ pub struct Credentials {
     /// `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`
     pub spiffe_id: String,
     pub not_after: SystemTime,
+    /// The trust bundle that came with the certificate (PEM).
+    pub trust_bundle_pem: String,
     /// The chain and key as PEM, for the control-plane connection (tonic's
     /// TLS takes PEM). Never printed.
     pub pem: Secret<(String, String)>,
@@ -132,6 +134,9 @@ impl<T> std::fmt::Debug for Secret<T> {
 pub struct CertStore {
     current: ArcSwapOption<Credentials>,
     roots: ArcSwapOption<RootCertStore>,
+    /// The same roots as PEM: they also verify the control plane, so a
+    /// root rotation reaches that connection too.
+    bundle_pem: ArcSwapOption<String>,
 }
 
 impl CertStore {
@@ -145,12 +150,19 @@ impl CertStore {
 
     pub fn install(&self, c: Credentials) {
         self.roots.store(Some(c.roots.clone()));
+        self.bundle_pem
+            .store(Some(Arc::new(c.trust_bundle_pem.clone())));
         self.current.store(Some(Arc::new(c)));
     }
 
     /// The roots peers are verified against now.
     pub fn roots(&self) -> Option<Arc<RootCertStore>> {
         self.roots.load_full()
+    }
+
+    /// The trust bundle as PEM, once one arrived.
+    pub fn bundle_pem(&self) -> Option<Arc<String>> {
+        self.bundle_pem.load_full()
     }
 
     /// Installs a trust bundle (PEM) from the config stream. Returns how
@@ -165,6 +177,7 @@ impl CertStore {
         });
         if !same {
             self.roots.store(Some(Arc::new(roots)));
+            self.bundle_pem.store(Some(Arc::new(pem.to_string())));
         }
         Ok((n, !same))
     }
@@ -258,6 +271,7 @@ pub fn credentials(
         spiffe_id,
         not_after,
         pem: Secret((resp.cert_chain_pem.clone(), key.serialize_pem())),
+        trust_bundle_pem: resp.trust_bundle_pem.clone(),
     })
 }
 
@@ -300,7 +314,12 @@ pub fn leaf_identity(der: &CertificateDer<'_>) -> Result<(String, SystemTime), S
 }
 
 /// One request: a fresh key pair, its CSR, the checked answer.
-pub async fn fetch(cfg: &IdentityConfig) -> Result<Credentials, IdentityError> {
+/// `bundle`: the current trust bundle, which also verifies the control
+/// plane (next to `--control-plane-ca`).
+pub async fn fetch(
+    cfg: &IdentityConfig,
+    bundle: Option<&str>,
+) -> Result<Credentials, IdentityError> {
     let token_err = |message: String| IdentityError::Token {
         path: cfg.token_file.display().to_string(),
         message,
@@ -309,7 +328,8 @@ pub async fn fetch(cfg: &IdentityConfig) -> Result<Credentials, IdentityError> {
         .await
         .map_err(|e| token_err(e.to_string()))?;
     let (key, csr_pem) = new_key()?;
-    let channel = crate::discovery::endpoint(&cfg.url, cfg.ca_pem.as_deref(), None)?
+    let roots: Vec<&str> = cfg.ca_pem.as_deref().into_iter().chain(bundle).collect();
+    let channel = crate::discovery::endpoint(&cfg.url, &roots, None)?
         .connect_timeout(Duration::from_secs(3))
         .timeout(Duration::from_secs(10))
         .connect()
@@ -343,7 +363,8 @@ pub async fn run(
     let expiry = metrics.identity_cert_expiry.clone();
     let mut backoff = FIRST_BACKOFF;
     loop {
-        let wait = match fetch(&cfg).await {
+        let bundle = store.bundle_pem();
+        let wait = match fetch(&cfg, bundle.as_deref().map(String::as_str)).await {
             Ok(creds) => {
                 ok.inc();
                 backoff = FIRST_BACKOFF;

@@ -13,6 +13,8 @@ pub struct ControlProcess {
     pub child: Child,
     pub addr: SocketAddr,
     pub logs: Arc<Mutex<String>>,
+    /// With --tls: the root (PEM) that verifies it.
+    pub ca_pem: Option<String>,
 }
 
 impl ControlProcess {
@@ -30,17 +32,12 @@ impl ControlProcess {
         extra: &[&str],
     ) -> ControlProcess {
         let cp = Self::spawn_with(addr, data, grace, extra).await;
-        let addr = cp.addr;
-        wait_until(
-            "control plane answers",
-            Duration::from_secs(20),
-            || async move {
-                match AdminClient::connect(format!("http://{addr}")).await {
-                    Ok(mut c) => c.status(StatusRequest {}).await.is_ok(),
-                    Err(_) => false,
-                }
-            },
-        )
+        wait_until("control plane answers", Duration::from_secs(20), || async {
+            match cp.try_admin().await {
+                Some(mut c) => c.status(StatusRequest {}).await.is_ok(),
+                None => false,
+            }
+        })
         .await;
         cp
     }
@@ -89,7 +86,21 @@ impl ControlProcess {
             Duration::from_secs(20),
         )
         .await;
-        ControlProcess { child, addr, logs }
+        // The roots that verify it: the generated one, and --ca-cert's.
+        let ca_pem = extra.contains(&"--tls").then(|| {
+            let mut pem =
+                std::fs::read_to_string(data.path().join("ca/root.pem")).unwrap_or_default();
+            if let Some(i) = extra.iter().position(|a| *a == "--ca-cert") {
+                pem.push_str(&std::fs::read_to_string(extra[i + 1]).unwrap_or_default());
+            }
+            pem
+        });
+        ControlProcess {
+            child,
+            addr,
+            logs,
+            ca_pem,
+        }
     }
 
     pub async fn start(data: &TempDir) -> ControlProcess {
@@ -98,13 +109,24 @@ impl ControlProcess {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        match self.ca_pem {
+            Some(_) => format!("https://{}", self.addr),
+            None => format!("http://{}", self.addr),
+        }
+    }
+
+    async fn try_admin(&self) -> Option<AdminClient<tonic::transport::Channel>> {
+        let mut e = tonic::transport::Endpoint::from_shared(self.url()).ok()?;
+        if let Some(pem) = &self.ca_pem {
+            let tls = tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(pem));
+            e = e.tls_config(tls).ok()?;
+        }
+        e.connect().await.ok().map(AdminClient::new)
     }
 
     pub async fn admin(&self) -> AdminClient<tonic::transport::Channel> {
-        AdminClient::connect(self.url())
-            .await
-            .expect("connect admin")
+        self.try_admin().await.expect("connect admin")
     }
 
     /// Applies YAML; returns the new version or the server's error text.

@@ -49,10 +49,16 @@ struct Mesh {
     token: String,
     cp: ControlProcess,
     lifetime: String,
+    /// The control plane serves TLS (--tls); sidecars verify it.
+    tls: bool,
 }
 
 impl Mesh {
     async fn start(lifetime: &str) -> Mesh {
+        Self::start_with(lifetime, false).await
+    }
+
+    async fn start_with(lifetime: &str, tls: bool) -> Mesh {
         let (data, state, secrets) = (
             TempDir::new("mtls-data"),
             TempDir::new("mtls-state"),
@@ -62,7 +68,8 @@ impl Mesh {
             .write("token", &format!("{TOKEN}\n"))
             .display()
             .to_string();
-        let cp = Self::control(any_port(), &data, &token, lifetime, &[]).await;
+        let tls_flag: &[&str] = if tls { &["--tls"] } else { &[] };
+        let cp = Self::control(any_port(), &data, &token, lifetime, tls_flag).await;
         cp.apply(SERVICES).await.unwrap();
         Mesh {
             data,
@@ -71,6 +78,7 @@ impl Mesh {
             token,
             cp,
             lifetime: lifetime.to_string(),
+            tls,
         }
     }
 
@@ -99,7 +107,11 @@ impl Mesh {
     async fn restart_control(&mut self, extra: &[&str]) {
         let addr = self.cp.addr;
         self.cp.stop().await;
-        self.cp = Self::control(addr, &self.data, &self.token, &self.lifetime, extra).await;
+        let mut flags = extra.to_vec();
+        if self.tls {
+            flags.push("--tls");
+        }
+        self.cp = Self::control(addr, &self.data, &self.token, &self.lifetime, &flags).await;
     }
 
     /// A sidecar for `service`, with its identity from the control plane.
@@ -123,6 +135,10 @@ impl Mesh {
             .arg("300ms")
             .arg("--bootstrap-token-file")
             .arg(&self.token);
+        if self.tls {
+            let root = self.data.path().join("ca/root.pem");
+            b = b.arg("--control-plane-ca").arg(root.to_str().unwrap());
+        }
         if let Some(a) = app {
             b = b.app(a);
         }
@@ -683,7 +699,11 @@ async fn trust_roots(p: &ProxyProcess) -> f64 {
 
 #[tokio::test]
 async fn root_rotation_through_a_two_root_bundle_fails_no_request() {
-    let mut mesh = Mesh::start("6s").await;
+    // The control plane serves TLS too: its own certificate moves to the
+    // new root with everything else, and proxies follow via the bundle.
+    // 12 s certificates: renewed at ~8 s, which leaves room for a control
+    // plane restart (a few seconds) between renewals.
+    let mut mesh = Mesh::start_with("12s", true).await;
     let app = Upstream::start("api", Behavior::Demo).await;
     let api = mesh.sidecar("api-1", "api", Some(app.addr), &[]).await;
     let web = mesh.sidecar("web-1", "web", None, &[]).await;

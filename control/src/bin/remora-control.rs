@@ -63,7 +63,7 @@ struct Args {
     /// plane itself for the --server-name names and the --listen IP (when
     /// it is not 0.0.0.0). Proxies verify it (remora-proxy
     /// --control-plane-ca); Discovery then requires a workload certificate
-    /// or the bootstrap token. Renewed at each start.
+    /// or the bootstrap token.
     #[arg(long, env = "REMORA_TLS")]
     tls: bool,
     /// DNS names in the control plane's own certificate (comma-separated or
@@ -75,7 +75,8 @@ struct Args {
         default_value = "remora-control,localhost"
     )]
     server_name: Vec<String>,
-    /// Lifetime of the control plane's own certificate (2160h: 90 days).
+    /// Lifetime of the control plane's own certificate (2160h: 90 days); it
+    /// is renewed in place at about 70% of it.
     #[arg(long, env = "REMORA_SERVER_CERT_LIFETIME", default_value = "2160h", value_parser = remora_proto::duration::parse)]
     server_cert_lifetime: Duration,
     /// File holding the token every Admin call (remoractl) must present
@@ -114,7 +115,6 @@ async fn main() -> anyhow::Result<()> {
     let mut security = Security {
         discovery_reviewer: pki.reviewer.clone(),
         admin_token_file: args.admin_token_file.clone(),
-        client_roots_pem: pki.bundle.clone(),
         tls: None,
     };
     match &args.admin_token_file {
@@ -134,12 +134,16 @@ async fn main() -> anyhow::Result<()> {
             .into_iter()
             .filter(|ip| !ip.is_unspecified())
             .collect();
-        let cert = pki
-            .ca
-            .issue_server(&args.server_name, &ips, args.server_cert_lifetime)
-            .context("issuing the control plane's certificate")?;
-        info!(names = ?args.server_name, ips = ?ips, lifetime = ?args.server_cert_lifetime, "serving gRPC over TLS");
-        security.tls = Some(cert);
+        let serving = remora_control::tls::ServingTls::new(
+            pki.ca.clone(),
+            args.server_name.clone(),
+            ips.clone(),
+            args.server_cert_lifetime,
+            &pki.bundle,
+        )?;
+        serving.spawn_renewal();
+        info!(names = ?args.server_name, ips = ?ips, lifetime = ?args.server_cert_lifetime, "serving gRPC over TLS (certificate renewed at ~70% of its lifetime)");
+        security.tls = Some(serving);
     } else {
         warn!("no --tls: gRPC is plaintext, and Discovery is open to anyone who reaches {addr}");
     }
