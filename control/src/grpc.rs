@@ -44,14 +44,18 @@ impl DiscoveryAuth {
                 "Discovery requires a workload certificate (no bootstrap tokens are configured)",
             ));
         };
-        let (ns, name) = hello.service.split_once('/').unwrap_or(("default", ""));
+        // The identity the token claims (sent with it), else the Service.
+        let claimed = req
+            .metadata()
+            .get("x-remora-identity")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split_once('/'));
+        let (ns, sa) = claimed
+            .or_else(|| hello.service.split_once('/'))
+            .unwrap_or(("default", hello.node_id.as_str()));
         let workload = Workload {
             namespace: ns,
-            service_account: if name.is_empty() {
-                &hello.node_id
-            } else {
-                name
-            },
+            service_account: sa,
         };
         reviewer
             .review(token, workload)
@@ -297,5 +301,78 @@ impl<S: Store> Admin for AdminService<S> {
             snapshot_version,
             proxies,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::ReviewError;
+    use std::sync::Mutex;
+
+    /// Accepts one token and records whom it was asked about.
+    #[derive(Default)]
+    struct Recording(Mutex<Vec<(String, String)>>);
+
+    #[tonic::async_trait]
+    impl TokenReviewer for Recording {
+        async fn review(&self, token: &str, w: Workload<'_>) -> Result<(), ReviewError> {
+            self.0
+                .lock()
+                .unwrap()
+                .push((w.namespace.to_string(), w.service_account.to_string()));
+            if token == "good" {
+                Ok(())
+            } else {
+                Err(ReviewError::Denied("wrong token".into()))
+            }
+        }
+    }
+
+    fn request(token: Option<&str>, identity: Option<&str>) -> Request<()> {
+        let mut r = Request::new(());
+        if let Some(t) = token {
+            r.metadata_mut()
+                .insert("authorization", format!("Bearer {t}").parse().unwrap());
+        }
+        if let Some(i) = identity {
+            r.metadata_mut()
+                .insert("x-remora-identity", i.parse().unwrap());
+        }
+        r
+    }
+
+    #[tokio::test]
+    async fn discovery_token_is_reviewed_for_the_identity_it_claims() {
+        let reviewer = Arc::new(Recording::default());
+        let auth = DiscoveryAuth {
+            reviewer: Some(reviewer.clone()),
+        };
+        let hello = Hello {
+            node_id: "api-1".into(),
+            service: "shop/api".into(),
+            ..Default::default()
+        };
+        let claimed = request(Some("good"), Some("shop/api-sa"));
+        assert_eq!(
+            auth.check(&claimed, &hello).await.unwrap(),
+            "bootstrap token"
+        );
+        // Without a claim, the Service's namespace and name.
+        let unclaimed = request(Some("good"), None);
+        assert!(auth.check(&unclaimed, &hello).await.is_ok());
+        assert_eq!(
+            *reviewer.0.lock().unwrap(),
+            [
+                ("shop".to_string(), "api-sa".to_string()),
+                ("shop".to_string(), "api".to_string())
+            ]
+        );
+        let bad = request(Some("bad"), None);
+        let refused = auth.check(&bad, &hello).await;
+        assert_eq!(refused.unwrap_err().code(), tonic::Code::Unauthenticated);
+        let none = request(None, None);
+        let anonymous = auth.check(&none, &hello).await;
+        assert_eq!(anonymous.unwrap_err().code(), tonic::Code::Unauthenticated);
     }
 }

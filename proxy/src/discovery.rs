@@ -37,6 +37,9 @@ pub struct DiscoveryConfig {
     /// Presented (as a bearer token) until the proxy has a workload
     /// certificate to present instead.
     pub token_file: Option<PathBuf>,
+    /// The identity the token is for (namespace, service account), sent
+    /// with it so a token reviewer can check the pair.
+    pub identity: Option<(String, String)>,
 }
 
 /// The control plane's endpoint: for an https URL, TLS verified against
@@ -235,6 +238,13 @@ async fn session(
     let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
     if let Some(b) = bearer {
         req.metadata_mut().insert("authorization", b);
+        if let Some(v) = cfg
+            .identity
+            .as_ref()
+            .and_then(|(ns, sa)| format!("{ns}/{sa}").parse().ok())
+        {
+            req.metadata_mut().insert("x-remora-identity", v);
+        }
     }
     let mut stream = client.stream(req).await?.into_inner();
     proxy.metrics.control_plane_connected.set(1);

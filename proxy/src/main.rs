@@ -519,6 +519,12 @@ fn discovery_config(
         max_backoff: args.control_plane_max_backoff,
         ca_pem: control_plane_ca(args)?,
         token_file: args.bootstrap_token_file.clone(),
+        identity: args
+            .bootstrap_token_file
+            .clone()
+            .map(|f| identity_config(args, f))
+            .transpose()?
+            .map(|c| (c.namespace, c.service_account)),
     })
 }
 
