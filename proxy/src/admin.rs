@@ -74,10 +74,23 @@ fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Body> {
         (&Method::GET, "/ready") => {
             if *state.shutdown.borrow() {
                 text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
-            } else if state.ready.load(Relaxed) {
-                text(StatusCode::OK, "ready\n")
-            } else {
+            } else if !state.ready.load(Relaxed) {
                 text(StatusCode::SERVICE_UNAVAILABLE, "no config yet\n")
+            } else if state
+                .proxy
+                .tls
+                .as_ref()
+                .is_some_and(|t| !t.store().had_certificate())
+            {
+                // Without its first certificate a sidecar can neither accept
+                // mesh traffic (Strict) nor reach meshed endpoints. Once it
+                // had one it stays ready, even while renewals fail.
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no workload certificate yet\n",
+                )
+            } else {
+                text(StatusCode::OK, "ready\n")
             }
         }
         (&Method::GET, "/metrics") => {

@@ -137,6 +137,9 @@ pub struct CertStore {
     /// The same roots as PEM: they also verify the control plane, so a
     /// root rotation reaches that connection too.
     bundle_pem: ArcSwapOption<String>,
+    /// A certificate was installed at least once: the proxy is ready for
+    /// mTLS (and stays ready while a renewal fails).
+    ever: std::sync::atomic::AtomicBool,
 }
 
 impl CertStore {
@@ -148,7 +151,13 @@ impl CertStore {
         self.current.load_full()
     }
 
+    /// Whether a certificate was ever installed.
+    pub fn had_certificate(&self) -> bool {
+        self.ever.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn install(&self, c: Credentials) {
+        self.ever.store(true, std::sync::atomic::Ordering::Relaxed);
         self.roots.store(Some(c.roots.clone()));
         self.bundle_pem
             .store(Some(Arc::new(c.trust_bundle_pem.clone())));

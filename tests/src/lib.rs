@@ -158,17 +158,25 @@ impl ProxyBuilder {
     /// tests over "free" ports), learns them from its "listening" log
     /// lines, and waits until /ready answers 200.
     pub async fn start(self) -> ProxyProcess {
+        self.start_until("/ready").await
+    }
+
+    /// Like `start`, but waits only for /live (a proxy that cannot become
+    /// ready, e.g. without a certificate).
+    pub async fn start_live(self) -> ProxyProcess {
+        self.start_until("/live").await
+    }
+
+    async fn start_until(self, path: &str) -> ProxyProcess {
         let mut p = self.spawn_on(any_port(), any_port(), any_port());
         let deadline = Duration::from_secs(20);
         p.inbound = bound_addr(&mut p.child, &p.logs, "listener=\"inbound\"", deadline).await;
         p.outbound = bound_addr(&mut p.child, &p.logs, "listener=\"outbound\"", deadline).await;
         p.admin = bound_addr(&mut p.child, &p.logs, "listener=\"admin\"", deadline).await;
-        let admin = p.admin;
-        wait_until("proxy /ready", deadline, || async move {
-            matches!(
-                get_status(&format!("http://{admin}/ready")).await,
-                Some(200)
-            )
+        let url = format!("http://{}{path}", p.admin);
+        wait_until(&format!("proxy {path}"), deadline, || {
+            let url = url.clone();
+            async move { matches!(get_status(&url).await, Some(200)) }
         })
         .await;
         p

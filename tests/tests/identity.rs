@@ -30,6 +30,10 @@ async fn control(addr: SocketAddr, data: &TempDir, token_file: &str) -> ControlP
 
 /// A proxy with identity shop/api, presenting the token in `token_file`.
 async fn proxy(cp: &ControlProcess, state: &TempDir, token_file: &str) -> ProxyProcess {
+    proxy_builder(cp, state, token_file).start().await
+}
+
+fn proxy_builder(cp: &ControlProcess, state: &TempDir, token_file: &str) -> ProxyBuilder {
     ProxyBuilder::new()
         .arg("--control-plane")
         .arg(&cp.url())
@@ -45,8 +49,6 @@ async fn proxy(cp: &ControlProcess, state: &TempDir, token_file: &str) -> ProxyP
         .arg("shop")
         .arg("--identity-service-account")
         .arg("api")
-        .start()
-        .await
 }
 
 fn token_file(dir: &TempDir, name: &str, token: &str) -> String {
@@ -153,7 +155,9 @@ async fn wrong_token_is_refused_and_the_proxy_keeps_serving() {
         TempDir::new("id-secrets"),
     );
     let cp = control(any_port(), &data, &token_file(&secrets, "token", TOKEN)).await;
-    let mut p = proxy(&cp, &state, &token_file(&secrets, "wrong", "not-the-token")).await;
+    let mut p = proxy_builder(&cp, &state, &token_file(&secrets, "wrong", "not-the-token"))
+        .start_live()
+        .await;
 
     // It retries (with backoff), failing each time.
     wait_until("refusals counted", Duration::from_secs(10), || async {
@@ -178,9 +182,14 @@ async fn wrong_token_is_refused_and_the_proxy_keeps_serving() {
         get_status(&format!("http://{}/live", p.admin)).await,
         Some(200)
     );
+    // Not ready, though: without a certificate it can do no mTLS.
     assert_eq!(
         get_status(&format!("http://{}/ready", p.admin)).await,
-        Some(200)
+        Some(503)
+    );
+    assert_eq!(
+        get_text(&format!("http://{}/ready", p.admin)).await,
+        "no workload certificate yet\n"
     );
 }
 
