@@ -197,7 +197,7 @@ impl MeshTls {
             if self.store.current().is_none() {
                 return Err(io::Error::other("no workload certificate yet"));
             }
-            let cfg = self.client_config(expect, http1)?;
+            let cfg = self.client_config(expect.clone(), http1)?;
             let conn = TlsConnector::from(cfg).connect(ServerName::IpAddress(ip.into()), io);
             tokio::time::timeout(HANDSHAKE_TIMEOUT, conn)
                 .await
@@ -205,6 +205,11 @@ impl MeshTls {
         }
         .await;
         self.count("outbound", result.is_ok());
+        if let Err(e) = &result {
+            // Connections are long-lived, so this is rare unless something
+            // is wrong (an impostor, a foreign CA, no certificate yet).
+            tracing::warn!(peer = %ip, expected = %expect, error = %e, "mTLS handshake to a peer proxy failed");
+        }
         result
     }
 }

@@ -418,6 +418,13 @@ async fn outbound_refuses_a_server_with_another_identity() {
     let r = get_via(&c, o, "api", "/").await.unwrap();
     assert_eq!(r.status, 502, "{}", r.body);
     assert_eq!(app.hits(), 0);
+    wait_until("the refusal is logged", Duration::from_secs(5), || async {
+        let logs = web.logs();
+        logs.contains("mTLS handshake to a peer proxy failed")
+            && logs.contains(&format!("expected={API_ID}"))
+            && logs.contains("impostor")
+    })
+    .await;
 
     // Once the Service says its workloads run as "impostor", they are it.
     mesh.cp
