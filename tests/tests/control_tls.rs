@@ -254,11 +254,18 @@ fn other_root_pem() -> String {
 #[tokio::test]
 async fn control_plane_renews_its_own_certificate_in_place() {
     let data = TempDir::new("cptls-renew");
+    let token = data.write("bootstrap", BOOTSTRAP);
     let cp = ControlProcess::spawn_with(
         any_port(),
         &data,
         "10s",
-        &["--tls", "--server-cert-lifetime", "2s"],
+        &[
+            "--tls",
+            "--server-cert-lifetime",
+            "2s",
+            "--bootstrap-token-file",
+            token.to_str().unwrap(),
+        ],
     )
     .await;
     // Renewed at ~70% of 2 s: after the second renewal the first
@@ -288,5 +295,23 @@ async fn control_plane_renews_its_own_certificate_in_place() {
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn tls_without_bootstrap_tokens_is_refused_at_start() {
+    let data = TempDir::new("cptls-notoken");
+    let out = Command::new(binary("remora-control"))
+        .args(["--tls", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data.path())
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--tls needs --bootstrap-token-file"), "{err}");
+    assert!(
+        !data.path().join("ca").exists(),
+        "it failed before writing anything"
     );
 }

@@ -101,6 +101,11 @@ async fn main() -> anyhow::Result<()> {
     } else {
         logs.init();
     }
+    if args.tls && args.bootstrap_token_file.is_none() {
+        anyhow::bail!(
+            "--tls needs --bootstrap-token-file: Discovery then requires a workload certificate or the bootstrap token, and without tokens no proxy could get either"
+        );
+    }
     let store = FileStore::open(&args.data_dir).context("opening the data directory")?;
     let mesh = Mesh::open(store, args.registration_grace)
         .await
