@@ -248,9 +248,28 @@ impl Default for ProxyBuilder {
     }
 }
 
+/// Waits (up to 10 s) until `logs` contains every one of `needles`, and
+/// returns them: a line the process wrote is read by another thread, so it
+/// can trail the metric or response that the test saw first.
+pub async fn logs_with(logs: &Mutex<String>, needles: &[&str]) -> String {
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = logs.lock().unwrap().clone();
+        if needles.iter().all(|n| text.contains(n)) || Instant::now() >= end {
+            return text;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 impl ProxyProcess {
     pub fn logs(&self) -> String {
         self.logs.lock().unwrap().clone()
+    }
+
+    /// The logs once they contain every one of `needles` (10 s at most).
+    pub async fn logs_with(&self, needles: &[&str]) -> String {
+        logs_with(&self.logs, needles).await
     }
 
     /// Sends SIGTERM.

@@ -172,7 +172,9 @@ async fn control_plane_serves_tls_and_authenticates_admin_and_discovery() {
     })
     .await;
     // Before their first certificate they opened Discovery with the token.
-    assert!(t.cp_logs().contains("credential=bootstrap token"));
+    assert!(logs_with(&t.cp.logs, &["credential=bootstrap token"])
+        .await
+        .contains("credential=bootstrap token"));
 
     // Once they have certificates, they present them: a restarted control
     // plane sees workload identities.

@@ -170,10 +170,12 @@ async fn wrong_token_is_refused_and_the_proxy_keeps_serving() {
         None,
         "no certificate, no sample"
     );
-    let logs = p.logs();
+    let logs = p.logs_with(&["PERMISSION_DENIED"]).await;
     assert!(logs.contains("PERMISSION_DENIED"), "{logs}");
     assert!(
-        cp.logs.lock().unwrap().contains("certificate refused"),
+        logs_with(&cp.logs, &["certificate refused"])
+            .await
+            .contains("certificate refused"),
         "the control plane logs the refusal"
     );
     // And it is still up and serving its config.

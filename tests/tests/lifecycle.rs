@@ -38,19 +38,6 @@ async fn connect_refused(addr: SocketAddr) -> bool {
     tokio::net::TcpStream::connect(addr).await.is_err()
 }
 
-/// Waits until the proxy's stderr contains `needle` (the reader thread may
-/// lag behind the process's exit), then returns the whole log.
-async fn logs_containing(p: &ProxyProcess, needle: &str, within: Duration) -> String {
-    let end = Instant::now() + within;
-    loop {
-        let logs = p.logs();
-        if logs.contains(needle) || Instant::now() >= end {
-            return logs;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 /// Starts GET `path` through the inbound listener in a task and waits until
 /// the upstream has received it.
 async fn start_slow_request(
@@ -270,7 +257,7 @@ spec:
     assert!(status.code().is_some(), "killed by a signal: {status}");
 
     let field = "rules[0].backendRefs[0].weight";
-    let logs = logs_containing(&proxy, field, Duration::from_secs(5)).await;
+    let logs = proxy.logs_with(&[field]).await;
     assert!(
         logs.contains(field),
         "stderr does not name the field:\n{logs}"

@@ -557,9 +557,8 @@ async fn authorization_policy_allows_and_denies_by_identity_and_route() {
         .await
             >= 1.0
     );
-    assert!(api
-        .logs()
-        .contains("client=spiffe://mesh.test/ns/default/sa/batch"));
+    let who = "client=spiffe://mesh.test/ns/default/sa/batch";
+    assert!(api.logs_with(&[who]).await.contains(who));
 }
 
 #[tokio::test]

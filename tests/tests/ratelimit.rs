@@ -238,11 +238,8 @@ async fn dry_run_counts_and_logs_but_does_not_enforce() {
         )
         .await;
     assert_eq!(would, 9.0);
-    assert!(
-        proxy.logs().contains("dry run: would limit"),
-        "{}",
-        proxy.logs()
-    );
+    let logs = proxy.logs_with(&["dry run: would limit"]).await;
+    assert!(logs.contains("dry run: would limit"), "{logs}");
 }
 
 #[tokio::test]
@@ -331,12 +328,13 @@ async fn a_bad_policy_is_refused_with_the_field_path() {
             >= 1.0
     })
     .await;
-    let logs = proxy.logs();
-    for want in [
+    let wants = [
         "RateLimitPolicy default/api-limits: limits[0].requests: must be at least 1",
         "RateLimitPolicy default/api-limits: limits[1].key[0].type",
         "RateLimitPolicy default/api-limits: limits[2].burst: must be at least 1",
-    ] {
+    ];
+    let logs = proxy.logs_with(&wants).await;
+    for want in wants {
         assert!(logs.contains(want), "missing {want:?}");
     }
     assert_eq!(proxy.config_version().await, v);
