@@ -134,7 +134,22 @@ async fn proxy_gets_a_certificate_and_renews_it_before_expiry() {
     );
     assert_eq!(rotations(&p, "error").await, 0.0);
 
-    let (plogs, clogs) = (p.logs(), cp.logs.lock().unwrap().clone());
+    // Log lines are read by other threads and may trail the metrics.
+    wait_until(
+        "three issuances logged",
+        Duration::from_secs(10),
+        || async {
+            cp.logs
+                .lock()
+                .unwrap()
+                .matches("certificate issued")
+                .count()
+                >= 3
+        },
+    )
+    .await;
+    let plogs = p.logs_with(&["identity certificate installed"]).await;
+    let clogs = cp.logs.lock().unwrap().clone();
     assert!(
         plogs.contains("identity certificate installed")
             && plogs.contains("spiffe://mesh.test/ns/shop/sa/api"),
