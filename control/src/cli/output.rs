@@ -92,6 +92,20 @@ pub fn config_counts(cfg: &Config) -> String {
     if !cfg.http_routes.is_empty() {
         parts.push(count(cfg.http_routes.len(), "HTTPRoute", "HTTPRoutes"));
     }
+    if !cfg.rate_limit_policies.is_empty() {
+        parts.push(count(
+            cfg.rate_limit_policies.len(),
+            "RateLimitPolicy",
+            "RateLimitPolicies",
+        ));
+    }
+    if !cfg.authorization_policies.is_empty() {
+        parts.push(count(
+            cfg.authorization_policies.len(),
+            "AuthorizationPolicy",
+            "AuthorizationPolicies",
+        ));
+    }
     if parts.is_empty() {
         "no resources".to_string()
     } else {
@@ -196,5 +210,19 @@ mod tests {
         let mut t = Table::new(&["A", "LONGER", "C"]);
         t.row(vec!["xyz".into(), "1".into(), "last".into()]);
         assert_eq!(t.render(), "A    LONGER  C\nxyz  1       last\n");
+    }
+
+    #[test]
+    fn counts_every_kind() {
+        let cfg = remora_proto::parse_yaml(
+            "kind: Service\nmetadata: {name: a}\n---\nkind: AuthorizationPolicy\nmetadata: {name: p}\n---\nkind: AuthorizationPolicy\nmetadata: {name: q}\n---\nkind: RateLimitPolicy\nmetadata: {name: r}\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(
+            config_counts(&cfg),
+            "1 service, 1 RateLimitPolicy, 2 AuthorizationPolicies"
+        );
+        assert_eq!(config_counts(&Config::default()), "no resources");
     }
 }
