@@ -123,25 +123,8 @@ NCPU=$(nproc)
 for tool in ss curl taskset chrt python3 awk getconf; do
     command -v "$tool" >/dev/null || die "$tool is required (bash bench/install.sh)"
 done
-find_tool() { # find_tool VAR name [candidate paths...]
-    local var=$1 name=$2 c
-    shift 2
-    if [[ -n ${!var:-} ]]; then
-        [[ -x ${!var} ]] || die "$var=${!var} is not executable"
-        return
-    fi
-    if c=$(command -v "$name" 2>/dev/null); then
-        printf -v "$var" '%s' "$c"
-        return
-    fi
-    for c in "$@"; do
-        if [[ -x $c ]]; then
-            printf -v "$var" '%s' "$c"
-            return
-        fi
-    done
-    die "$name not found; run: bash bench/install.sh"
-}
+# shellcheck source=bench/lib.sh
+. "$BENCH_DIR/lib.sh"
 find_tool OHA_BIN oha "$HOME/.cargo/bin/oha"
 find_tool NGINX_BIN nginx /usr/sbin/nginx
 CLK_TCK=$(getconf CLK_TCK)

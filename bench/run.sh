@@ -98,25 +98,8 @@ done
 wants() { [[ " $TARGETS " == *" $1 "* ]]; }
 
 # ---------------------------------------------------------------- tools
-find_tool() { # find_tool VAR name [extra candidate paths...]
-    local var=$1 name=$2 c
-    shift 2
-    if [[ -n ${!var:-} ]]; then
-        [[ -x ${!var} ]] || die "$var=${!var} is not executable"
-        return
-    fi
-    if c=$(command -v "$name" 2>/dev/null); then
-        printf -v "$var" '%s' "$c"
-        return
-    fi
-    for c in "$@"; do
-        if [[ -x $c ]]; then
-            printf -v "$var" '%s' "$c"
-            return
-        fi
-    done
-    die "$name not found; run: bash bench/install.sh"
-}
+# shellcheck source=bench/lib.sh
+. "$BENCH_DIR/lib.sh"
 
 for t in taskset curl python3 ss ps getconf awk nice chrt; do
     command -v "$t" >/dev/null || die "$t not found; run: bash bench/install.sh"
