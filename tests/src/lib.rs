@@ -154,6 +154,20 @@ impl ProxyBuilder {
         self
     }
 
+    /// Config from the control plane at `url`, as node `node` keeping its
+    /// last-known-good copy under `state`, reconnecting quickly.
+    pub fn control_plane(self, url: &str, node: &str, state: &TempDir) -> Self {
+        let dir = state.path().join(node);
+        self.arg("--control-plane")
+            .arg(url)
+            .arg("--node-id")
+            .arg(node)
+            .arg("--state-dir")
+            .arg(dir.to_str().expect("utf-8 temp path"))
+            .arg("--control-plane-max-backoff")
+            .arg("200ms")
+    }
+
     /// Starts the proxy on ports the kernel picks (no races with other
     /// tests over "free" ports), learns them from its "listening" log
     /// lines, and waits until /ready answers 200.

@@ -27,15 +27,7 @@ async fn blue_green() -> (Upstream, Upstream) {
 }
 
 async fn proxy(cp: &ControlProcess, node: &str, state: &TempDir, extra: &[&str]) -> ProxyProcess {
-    let mut b = ProxyBuilder::new()
-        .arg("--control-plane")
-        .arg(&cp.url())
-        .arg("--node-id")
-        .arg(node)
-        .arg("--state-dir")
-        .arg(&state.path().join(node).display().to_string())
-        .arg("--control-plane-max-backoff")
-        .arg("200ms");
+    let mut b = ProxyBuilder::new().control_plane(&cp.url(), node, state);
     for a in extra {
         b = b.arg(a);
     }

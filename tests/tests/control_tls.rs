@@ -104,18 +104,11 @@ impl Tls {
 
     fn sidecar(&self, node: &str, service: &str, ca: &str) -> ProxyBuilder {
         ProxyBuilder::new()
-            .arg("--control-plane")
-            .arg(&self.url())
+            .control_plane(&self.url(), node, &self.state)
             .arg("--control-plane-ca")
             .arg(ca)
-            .arg("--node-id")
-            .arg(node)
             .arg("--service")
             .arg(service)
-            .arg("--state-dir")
-            .arg(&self.state.path().join(node).display().to_string())
-            .arg("--control-plane-max-backoff")
-            .arg("300ms")
             .arg("--bootstrap-token-file")
             .arg(&self.secrets.path().join("bootstrap").display().to_string())
     }

@@ -35,14 +35,7 @@ async fn proxy(cp: &ControlProcess, state: &TempDir, token_file: &str) -> ProxyP
 
 fn proxy_builder(cp: &ControlProcess, state: &TempDir, token_file: &str) -> ProxyBuilder {
     ProxyBuilder::new()
-        .arg("--control-plane")
-        .arg(&cp.url())
-        .arg("--node-id")
-        .arg("api-1")
-        .arg("--state-dir")
-        .arg(&state.path().join("api-1").display().to_string())
-        .arg("--control-plane-max-backoff")
-        .arg("500ms")
+        .control_plane(&cp.url(), "api-1", state)
         .arg("--bootstrap-token-file")
         .arg(token_file)
         .arg("--identity-namespace")

@@ -123,16 +123,9 @@ impl Mesh {
         extra: &[&str],
     ) -> ProxyProcess {
         let mut b = ProxyBuilder::new()
-            .arg("--control-plane")
-            .arg(&self.cp.url())
-            .arg("--node-id")
-            .arg(node)
+            .control_plane(&self.cp.url(), node, &self.state)
             .arg("--service")
             .arg(service)
-            .arg("--state-dir")
-            .arg(&self.state.path().join(node).display().to_string())
-            .arg("--control-plane-max-backoff")
-            .arg("300ms")
             .arg("--bootstrap-token-file")
             .arg(&self.token);
         if self.tls {
