@@ -195,13 +195,8 @@ pub fn compile(cfg: &Config, service: Option<&str>) -> Result<LocalPolicy, Strin
         let rid = id_of(r.metadata.as_ref());
         local_routes.insert(rid.clone());
         for rule in &rs.rules {
-            let ms = if rule.matches.is_empty() {
-                vec![model::HttpRouteMatch::default()]
-            } else {
-                rule.matches.clone()
-            };
-            for m in &ms {
-                matchers.push((crate::runtime::compile_match(m)?, rid.clone()));
+            for m in crate::runtime::compile_matches(rule)? {
+                matchers.push((m, rid.clone()));
             }
         }
     }

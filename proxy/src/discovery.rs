@@ -207,12 +207,12 @@ async fn session(
             .map(|t| t.trim().to_string()),
         _ => None,
     };
-    let bundle = proxy.tls.as_ref().and_then(|t| t.store().bundle_pem());
+    let bundle = proxy.tls.as_ref().and_then(|t| t.store().bundle());
     let roots: Vec<&str> = cfg
         .ca_pem
         .as_deref()
         .into_iter()
-        .chain(bundle.as_deref().map(String::as_str))
+        .chain(bundle.as_ref().map(|b| b.pem.as_str()))
         .collect();
     let channel = endpoint(&cfg.url, &roots, client)?
         .connect_timeout(Duration::from_secs(3))

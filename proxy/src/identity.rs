@@ -106,16 +106,40 @@ pub enum IdentityError {
 pub struct Credentials {
     /// The chain (leaf first) and our private key, as rustls wants them.
     pub key: Arc<CertifiedKey>,
-    /// The trust bundle: every root the mesh trusts now.
-    pub roots: Arc<RootCertStore>,
+    /// The trust bundle that came with the certificate.
+    pub bundle: Arc<Bundle>,
     /// `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`
     pub spiffe_id: String,
     pub not_after: SystemTime,
-    /// The trust bundle that came with the certificate (PEM).
-    pub trust_bundle_pem: String,
     /// The chain and key as PEM, for the control-plane connection (tonic's
     /// TLS takes PEM). Never printed.
     pub pem: Secret<(String, String)>,
+}
+
+/// The trust bundle: every root the mesh trusts now, parsed for rustls and
+/// as PEM (it also verifies the control plane, through tonic).
+#[derive(Debug)]
+pub struct Bundle {
+    pub roots: Arc<RootCertStore>,
+    pub pem: String,
+}
+
+impl Bundle {
+    /// Every root of a PEM bundle; an empty bundle is an error.
+    pub fn parse(pem: &str) -> Result<Bundle, String> {
+        let mut roots = RootCertStore::empty();
+        for root in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+            let root = root.map_err(|e| format!("trust bundle: {e}"))?;
+            roots.add(root).map_err(|e| format!("trust bundle: {e}"))?;
+        }
+        if roots.is_empty() {
+            return Err("empty trust bundle".into());
+        }
+        Ok(Bundle {
+            roots: Arc::new(roots),
+            pem: pem.to_string(),
+        })
+    }
 }
 
 /// Hides a value from Debug output.
@@ -133,10 +157,7 @@ impl<T> std::fmt::Debug for Secret<T> {
 #[derive(Debug, Default)]
 pub struct CertStore {
     current: ArcSwapOption<Credentials>,
-    roots: ArcSwapOption<RootCertStore>,
-    /// The same roots as PEM: they also verify the control plane, so a
-    /// root rotation reaches that connection too.
-    bundle_pem: ArcSwapOption<String>,
+    bundle: ArcSwapOption<Bundle>,
     /// A certificate was installed at least once: the proxy is ready for
     /// mTLS (and stays ready while a renewal fails).
     ever: std::sync::atomic::AtomicBool,
@@ -158,35 +179,29 @@ impl CertStore {
 
     pub fn install(&self, c: Credentials) {
         self.ever.store(true, std::sync::atomic::Ordering::Relaxed);
-        self.roots.store(Some(c.roots.clone()));
-        self.bundle_pem
-            .store(Some(Arc::new(c.trust_bundle_pem.clone())));
+        self.bundle.store(Some(c.bundle.clone()));
         self.current.store(Some(Arc::new(c)));
     }
 
     /// The roots peers are verified against now.
     pub fn roots(&self) -> Option<Arc<RootCertStore>> {
-        self.roots.load_full()
+        self.bundle.load().as_ref().map(|b| b.roots.clone())
     }
 
-    /// The trust bundle as PEM, once one arrived.
-    pub fn bundle_pem(&self) -> Option<Arc<String>> {
-        self.bundle_pem.load_full()
+    /// The trust bundle, once one arrived.
+    pub fn bundle(&self) -> Option<Arc<Bundle>> {
+        self.bundle.load_full()
     }
 
     /// Installs a trust bundle (PEM) from the config stream. Returns how
     /// many roots it holds and whether it changed anything; a bundle that
     /// does not parse changes nothing.
     pub fn set_bundle(&self, pem: &str) -> Result<(usize, bool), String> {
-        let roots = parse_bundle(pem)?;
-        let n = roots.len();
-        let same = self.roots.load().as_ref().is_some_and(|r| {
-            r.roots.len() == roots.roots.len()
-                && r.roots.iter().zip(&roots.roots).all(|(a, b)| a == b)
-        });
+        let bundle = Bundle::parse(pem)?;
+        let n = bundle.roots.len();
+        let same = self.bundle.load().as_ref().is_some_and(|b| b.pem == pem);
         if !same {
-            self.roots.store(Some(Arc::new(roots)));
-            self.bundle_pem.store(Some(Arc::new(pem.to_string())));
+            self.bundle.store(Some(Arc::new(bundle)));
         }
         Ok((n, !same))
     }
@@ -242,13 +257,13 @@ pub fn credentials(
     let Some(leaf) = chain.first() else {
         return Err(bad("no certificate in the chain".into()));
     };
-    let roots = parse_bundle(&resp.trust_bundle_pem).map_err(bad)?;
+    let bundle = Bundle::parse(&resp.trust_bundle_pem).map_err(bad)?;
 
     let provider = rustls::crypto::aws_lc_rs::default_provider();
     let parsed = ParsedCertificate::try_from(leaf).map_err(|e| bad(e.to_string()))?;
     rustls::client::verify_server_cert_signed_by_trust_anchor(
         &parsed,
-        &roots,
+        &bundle.roots,
         &chain[1..],
         UnixTime::now(),
         provider.signature_verification_algorithms.all,
@@ -276,25 +291,11 @@ pub fn credentials(
         .map_err(|e| bad(format!("not for our key: {e}")))?;
     Ok(Credentials {
         key: Arc::new(certified),
-        roots: Arc::new(roots),
+        bundle: Arc::new(bundle),
         spiffe_id,
         not_after,
         pem: Secret((resp.cert_chain_pem.clone(), key.serialize_pem())),
-        trust_bundle_pem: resp.trust_bundle_pem.clone(),
     })
-}
-
-/// Every root of a PEM trust bundle; an empty bundle is an error.
-pub fn parse_bundle(pem: &str) -> Result<RootCertStore, String> {
-    let mut roots = RootCertStore::empty();
-    for root in CertificateDer::pem_slice_iter(pem.as_bytes()) {
-        let root = root.map_err(|e| format!("trust bundle: {e}"))?;
-        roots.add(root).map_err(|e| format!("trust bundle: {e}"))?;
-    }
-    if roots.is_empty() {
-        return Err("empty trust bundle".into());
-    }
-    Ok(roots)
 }
 
 /// The SPIFFE ID (the one URI SAN) and expiry of a certificate.
@@ -372,8 +373,8 @@ pub async fn run(
     let expiry = metrics.identity_cert_expiry.clone();
     let mut backoff = FIRST_BACKOFF;
     loop {
-        let bundle = store.bundle_pem();
-        let wait = match fetch(&cfg, bundle.as_deref().map(String::as_str)).await {
+        let bundle = store.bundle();
+        let wait = match fetch(&cfg, bundle.as_ref().map(|b| b.pem.as_str())).await {
             Ok(creds) => {
                 ok.inc();
                 backoff = FIRST_BACKOFF;
@@ -390,7 +391,9 @@ pub async fn run(
                     "identity certificate installed"
                 );
                 expiry.set(creds.not_after);
-                metrics.identity_trust_roots.set(creds.roots.len() as i64);
+                metrics
+                    .identity_trust_roots
+                    .set(creds.bundle.roots.len() as i64);
                 store.install(creds);
                 renew_in
             }
@@ -620,7 +623,7 @@ mod tests {
         let ca = TestCa::new();
         let (server_store, client_store) = (CertStore::new(), CertStore::new());
         let first = ca.issue("shop", "api");
-        let roots = first.roots.clone();
+        let roots = first.bundle.roots.clone();
         let first_leaf = first.key.cert[0].clone();
         server_store.install(first);
         client_store.install(ca.issue("shop", "web"));
@@ -652,7 +655,7 @@ mod tests {
         );
         assert!(handshake(server.clone(), wrong).is_err());
         // So does a client trusting another CA.
-        let other = TestCa::new().issue("x", "y").roots.clone();
+        let other = TestCa::new().issue("x", "y").bundle.roots.clone();
         let stranger = client_config(client_store, other, "spiffe://mesh.test/ns/shop/sa/api");
         assert!(handshake(server, stranger).is_err());
     }

@@ -341,30 +341,28 @@ fn run(args: Args) -> Result<()> {
             .map_err(anyhow::Error::msg)?;
         fingerprint = Some(fp);
     }
+    // Workload identity: a certificate from the control plane, renewed in
+    // the background. A bad flag fails here, before anything runs.
+    let cp_ca = control_plane_ca(&args)?;
+    let identity = args
+        .bootstrap_token_file
+        .clone()
+        .map(|f| identity_config(&args, f, cp_ca.clone()))
+        .transpose()?;
     // With a control plane, ready means a config is running: from disk at
     // once if one was kept, else when the first snapshot is applied.
-    let discovery = args
-        .control_plane
-        .clone()
-        .map(|url| {
-            // The address actually bound (port 0 picks one) is what registers.
-            let inbound = inbound_l.as_ref().and_then(|l| l.local_addr().ok());
-            discovery_config(&args, inbound, url)
-        })
-        .transpose()?;
+    let discovery = args.control_plane.clone().map(|url| {
+        // The address actually bound (port 0 picks one) is what registers.
+        let inbound = inbound_l.as_ref().and_then(|l| l.local_addr().ok());
+        discovery_config(&args, inbound, url, cp_ca, identity.as_ref())
+    });
+    let discovery = discovery.transpose()?;
     let mut last_version = String::new();
     if let Some(d) = &discovery {
         if let Some(v) = d.boot_from_disk(&proxy, &settings) {
             last_version = v;
         }
     }
-    // Workload identity: a certificate from the control plane, renewed in
-    // the background. A bad flag fails here, before anything runs.
-    let identity = args
-        .bootstrap_token_file
-        .clone()
-        .map(|f| identity_config(&args, f))
-        .transpose()?;
     let ready = Arc::new(AtomicBool::new(
         discovery.is_none() || !last_version.is_empty(),
     ));
@@ -463,6 +461,8 @@ fn discovery_config(
     args: &Args,
     inbound: Option<SocketAddr>,
     url: String,
+    ca_pem: Option<String>,
+    identity: Option<&IdentityConfig>,
 ) -> Result<DiscoveryConfig> {
     let node_id = args
         .node_id
@@ -517,14 +517,9 @@ fn discovery_config(
         instance,
         state_dir: Some(state_dir),
         max_backoff: args.control_plane_max_backoff,
-        ca_pem: control_plane_ca(args)?,
+        ca_pem,
         token_file: args.bootstrap_token_file.clone(),
-        identity: args
-            .bootstrap_token_file
-            .clone()
-            .map(|f| identity_config(args, f))
-            .transpose()?
-            .map(|c| (c.namespace, c.service_account)),
+        identity: identity.map(|c| (c.namespace.clone(), c.service_account.clone())),
     })
 }
 
@@ -551,7 +546,11 @@ fn control_plane_ca(args: &Args) -> Result<Option<String>> {
     }
 }
 
-fn identity_config(args: &Args, token_file: PathBuf) -> Result<IdentityConfig> {
+fn identity_config(
+    args: &Args,
+    token_file: PathBuf,
+    ca_pem: Option<String>,
+) -> Result<IdentityConfig> {
     let service_name = args
         .service
         .as_deref()
@@ -569,7 +568,7 @@ fn identity_config(args: &Args, token_file: PathBuf) -> Result<IdentityConfig> {
             .unwrap_or_else(|| "default".to_string()),
         token_file,
         max_backoff: args.control_plane_max_backoff,
-        ca_pem: control_plane_ca(args)?,
+        ca_pem,
     };
     cfg.check().map_err(anyhow::Error::msg)?;
     Ok(cfg)

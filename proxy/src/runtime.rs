@@ -256,13 +256,8 @@ pub fn compile(
                     )?;
                     compiled.limits = rule_limits.clone();
                     let compiled = Arc::new(compiled);
-                    let matches = if rule.matches.is_empty() {
-                        vec![model::HttpRouteMatch::default()]
-                    } else {
-                        rule.matches.clone()
-                    };
-                    for m in &matches {
-                        entries.push((compile_match(m)?, compiled.clone()));
+                    for m in compile_matches(rule)? {
+                        entries.push((m, compiled.clone()));
                     }
                 }
             }
@@ -609,7 +604,15 @@ fn value_match(ty: &str, value: &str) -> Result<ValueMatch, String> {
     })
 }
 
-pub(crate) fn compile_match(m: &model::HttpRouteMatch) -> Result<Matcher, String> {
+/// A rule's matches, compiled; a rule without matches matches everything.
+pub(crate) fn compile_matches(rule: &model::HttpRouteRule) -> Result<Vec<Matcher>, String> {
+    if rule.matches.is_empty() {
+        return Ok(vec![compile_match(&model::HttpRouteMatch::default())?]);
+    }
+    rule.matches.iter().map(compile_match).collect()
+}
+
+fn compile_match(m: &model::HttpRouteMatch) -> Result<Matcher, String> {
     let path = match &m.path {
         None => PathMatch::Prefix(String::new()),
         Some(p) => match p.r#type.as_str() {

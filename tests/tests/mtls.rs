@@ -313,6 +313,24 @@ async fn strict_inbound_accepts_only_a_valid_mesh_certificate() {
             >= 1.0
     );
 
+    // Between the proxies, one long-lived HTTP/2 connection carries many
+    // concurrent requests (HTTP/1.1 would open one per request in flight).
+    let calls = (0..40).map(|i| {
+        let c = c.clone();
+        let o = web.outbound;
+        async move { get_via(&c, o, "api", &format!("/many/{i}")).await }
+    });
+    for r in futures_util::future::join_all(calls).await {
+        assert_eq!(r.unwrap().status, 200);
+    }
+    let conns = api
+        .metric("remora_connections_total", &["listener=\"inbound\""])
+        .await;
+    assert!(
+        conns <= 2.0,
+        "{conns} connections into api's sidecar for 41 requests"
+    );
+
     // Plaintext straight to the inbound port: refused.
     let hits = app.hits();
     let plain = get_via(&http1_client(), api.inbound, "api", "/").await;
