@@ -117,7 +117,7 @@ impl Echo for EchoService {
     }
 }
 
-/// A tonic server on a free loopback port; stopped on drop.
+/// A tonic server (on a free loopback port unless told); stopped on drop.
 pub struct GrpcServer {
     pub addr: SocketAddr,
     task: tokio::task::JoinHandle<()>,
@@ -125,10 +125,15 @@ pub struct GrpcServer {
 
 impl GrpcServer {
     pub async fn start(name: &str) -> GrpcServer {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0)), name)
             .await
-            .expect("bind grpc server");
-        let addr = listener.local_addr().unwrap();
+            .expect("bind grpc server")
+    }
+
+    /// Serves on `addr`.
+    pub async fn start_on(addr: SocketAddr, name: &str) -> std::io::Result<GrpcServer> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
         let svc = EchoServer::new(EchoService {
             name: name.to_string(),
         });
@@ -139,7 +144,7 @@ impl GrpcServer {
                 .await
                 .expect("grpc server");
         });
-        GrpcServer { addr, task }
+        Ok(GrpcServer { addr, task })
     }
 }
 

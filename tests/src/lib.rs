@@ -4,6 +4,7 @@
 
 pub mod control;
 pub mod grpc;
+pub mod netns;
 pub mod upstream;
 
 use bytes::Bytes;
@@ -131,6 +132,8 @@ pub struct ProxyBuilder {
     args: Vec<String>,
     config: Option<PathBuf>,
     app: Option<SocketAddr>,
+    /// Run inside this pod as this uid (and gid).
+    pod: Option<(netns::Pod, u32)>,
 }
 
 impl ProxyBuilder {
@@ -139,6 +142,7 @@ impl ProxyBuilder {
             args: vec![],
             config: None,
             app: None,
+            pod: None,
         }
     }
     pub fn config(mut self, path: &Path) -> Self {
@@ -151,6 +155,17 @@ impl ProxyBuilder {
     }
     pub fn arg(mut self, a: &str) -> Self {
         self.args.push(a.to_string());
+        self
+    }
+
+    /// Runs the proxy inside `pod` as `uid` (gid the same), on the fixed
+    /// ports iptables rules name: inbound 0.0.0.0:4143, outbound
+    /// 127.0.0.1:4140, admin 0.0.0.0:4191. The `ProxyProcess` then has
+    /// `inbound` and `admin` at the pod's IP (reachable from the test
+    /// process) and `outbound` 127.0.0.1:4140 (reachable only inside the
+    /// pod). Its `--state-dir`, if any, is made and handed to `uid`.
+    pub fn in_pod(mut self, pod: &netns::Pod, uid: u32) -> Self {
+        self.pod = Some((pod.clone(), uid));
         self
     }
 
@@ -182,11 +197,21 @@ impl ProxyBuilder {
     }
 
     async fn start_until(self, path: &str) -> ProxyProcess {
-        let mut p = self.spawn_on(any_port(), any_port(), any_port());
+        let pod_ip = self.pod.as_ref().map(|(pod, _)| pod.ip);
+        let mut p = match pod_ip {
+            Some(_) => {
+                let (inbound, outbound, admin) = pod_listen_addrs();
+                self.spawn_on(inbound, outbound, admin)
+            }
+            None => self.spawn_on(any_port(), any_port(), any_port()),
+        };
         let deadline = Duration::from_secs(20);
         p.inbound = bound_addr(&mut p.child, &p.logs, "listener=\"inbound\"", deadline).await;
         p.outbound = bound_addr(&mut p.child, &p.logs, "listener=\"outbound\"", deadline).await;
         p.admin = bound_addr(&mut p.child, &p.logs, "listener=\"admin\"", deadline).await;
+        if let Some(ip) = pod_ip {
+            p.reachable_in_pod(ip);
+        }
         let url = format!("http://{}{path}", p.admin);
         wait_until(&format!("proxy {path}"), deadline, || {
             let url = url.clone();
@@ -198,7 +223,32 @@ impl ProxyBuilder {
 
     /// Starts the proxy without waiting for it.
     pub fn spawn(self) -> ProxyProcess {
-        self.spawn_on(free_addr(), free_addr(), free_addr())
+        match self.pod.as_ref().map(|(pod, _)| pod.ip) {
+            Some(ip) => {
+                let (inbound, outbound, admin) = pod_listen_addrs();
+                let mut p = self.spawn_on(inbound, outbound, admin);
+                p.reachable_in_pod(ip);
+                p
+            }
+            None => self.spawn_on(free_addr(), free_addr(), free_addr()),
+        }
+    }
+
+    /// Makes each `--state-dir` exist and belong to `uid`, who runs the
+    /// proxy and writes its last-known-good snapshot there.
+    fn give_state_dirs(&self, uid: u32) {
+        let given = self
+            .args
+            .iter()
+            .enumerate()
+            .filter_map(|(i, a)| match a.as_str() {
+                "--state-dir" => self.args.get(i + 1).map(String::as_str),
+                a => a.strip_prefix("--state-dir="),
+            });
+        for dir in given {
+            std::fs::create_dir_all(dir).expect("create the state dir");
+            chown_tree(Path::new(dir), uid);
+        }
     }
 
     fn spawn_on(
@@ -207,7 +257,13 @@ impl ProxyBuilder {
         outbound: SocketAddr,
         admin: SocketAddr,
     ) -> ProxyProcess {
-        let mut cmd = Command::new(binary("remora-proxy"));
+        let mut cmd = match &self.pod {
+            Some((pod, uid)) => {
+                self.give_state_dirs(*uid);
+                pod.command_as(*uid, *uid, binary("remora-proxy"))
+            }
+            None => Command::new(binary("remora-proxy")),
+        };
         cmd.arg("--inbound-addr")
             .arg(inbound.to_string())
             .arg("--outbound-addr")
@@ -229,23 +285,7 @@ impl ProxyBuilder {
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("start remora-proxy");
-        let logs = Arc::new(Mutex::new(String::new()));
-        let stderr = child.stderr.take().unwrap();
-        let sink = logs.clone();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-            {
-                if std::env::var_os("REMORA_TEST_ECHO").is_some() {
-                    eprintln!("[proxy] {line}");
-                }
-                let mut l = sink.lock().unwrap();
-                l.push_str(&line);
-                l.push('\n');
-            }
-        });
+        let logs = capture_stderr(&mut child, "proxy");
         ProxyProcess {
             child,
             inbound,
@@ -254,6 +294,49 @@ impl ProxyBuilder {
             logs,
         }
     }
+}
+
+/// A pod proxy's listen addresses: inbound, outbound, admin.
+fn pod_listen_addrs() -> (SocketAddr, SocketAddr, SocketAddr) {
+    (
+        SocketAddr::from(([0, 0, 0, 0], netns::POD_INBOUND_PORT)),
+        SocketAddr::from(([127, 0, 0, 1], netns::POD_OUTBOUND_PORT)),
+        SocketAddr::from(([0, 0, 0, 0], netns::POD_ADMIN_PORT)),
+    )
+}
+
+/// `chown -R uid:uid path`.
+fn chown_tree(path: &Path, uid: u32) {
+    std::os::unix::fs::chown(path, Some(uid), Some(uid))
+        .unwrap_or_else(|e| panic!("chown {}: {e}", path.display()));
+    if path.is_dir() && !path.is_symlink() {
+        for entry in std::fs::read_dir(path).into_iter().flatten().flatten() {
+            chown_tree(&entry.path(), uid);
+        }
+    }
+}
+
+/// Reads the child's stderr on a thread into the returned buffer, line by
+/// line (echoed as `[tag] line` when REMORA_TEST_ECHO is set).
+pub fn capture_stderr(child: &mut Child, tag: &'static str) -> Arc<Mutex<String>> {
+    let logs = Arc::new(Mutex::new(String::new()));
+    let stderr = child.stderr.take().expect("stderr piped");
+    let sink = logs.clone();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if std::env::var_os("REMORA_TEST_ECHO").is_some() {
+                eprintln!("[{tag}] {line}");
+            }
+            let mut l = sink.lock().unwrap();
+            l.push_str(&line);
+            l.push('\n');
+        }
+    });
+    logs
 }
 
 impl Default for ProxyBuilder {
@@ -277,6 +360,14 @@ pub async fn logs_with(logs: &Mutex<String>, needles: &[&str]) -> String {
 }
 
 impl ProxyProcess {
+    /// A proxy in the pod at `ip`: inbound and admin at that IP (the test
+    /// process reaches them), outbound stays 127.0.0.1:4140 (in the pod).
+    fn reachable_in_pod(&mut self, ip: std::net::Ipv4Addr) {
+        self.inbound = SocketAddr::from((ip, netns::POD_INBOUND_PORT));
+        self.outbound = SocketAddr::from(([127, 0, 0, 1], netns::POD_OUTBOUND_PORT));
+        self.admin = SocketAddr::from((ip, netns::POD_ADMIN_PORT));
+    }
+
     pub fn logs(&self) -> String {
         self.logs.lock().unwrap().clone()
     }

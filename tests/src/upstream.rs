@@ -20,7 +20,8 @@ use tokio::net::TcpListener;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Behavior {
     /// The demo behaviour: `/status/N` answers N, `/delay/MS` waits, `/echo`
-    /// echoes the body, an Upgrade request becomes a byte echo; anything else
+    /// echoes the body, `/headers` lists the request's headers (`name:
+    /// value` lines), an Upgrade request becomes a byte echo; anything else
     /// answers 200 with the upstream's name.
     Demo,
     /// Always this status.
@@ -73,13 +74,16 @@ impl Upstream {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                // The port this connection arrived on, for x-served-port.
+                let port = stream.local_addr().map_or(0, |a| a.port());
                 let (h, s, n, f) = (h.clone(), s.clone(), n.clone(), f.clone());
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| {
                         let (h, s, n, f) = (h.clone(), s.clone(), n.clone(), f.clone());
                         async move {
                             let behavior = f.take().map_or(behavior, Behavior::Status);
-                            Ok::<_, Infallible>(handle(req, behavior, &n, &h, &s).await)
+                            let served = Served { name: &n, port };
+                            Ok::<_, Infallible>(handle(req, behavior, served, &h, &s).await)
                         }
                     });
                     let _ = auto::Builder::new(TokioExecutor::new())
@@ -147,10 +151,26 @@ impl Drop for Upstream {
     }
 }
 
+/// Who answers: every response says it in `x-served-by` (the upstream's
+/// name) and `x-served-port` (the local port the connection arrived on).
+#[derive(Clone, Copy)]
+struct Served<'a> {
+    name: &'a str,
+    port: u16,
+}
+
+impl Served<'_> {
+    fn response(self) -> http::response::Builder {
+        Response::builder()
+            .header("x-served-by", self.name)
+            .header("x-served-port", self.port)
+    }
+}
+
 async fn handle(
     mut req: Request<Incoming>,
     behavior: Behavior,
-    name: &str,
+    served: Served<'_>,
     hits: &AtomicUsize,
     seen: &Mutex<Vec<Seen>>,
 ) -> Response<Full<Bytes>> {
@@ -174,10 +194,11 @@ async fn handle(
         body: body.clone(),
         version: parts.version,
     });
+    let name = served.name;
     let reply = |status: u16, text: String| {
-        Response::builder()
+        served
+            .response()
             .status(status)
-            .header("x-served-by", name)
             .body(Full::new(Bytes::from(text)))
             .unwrap()
     };
@@ -192,7 +213,8 @@ async fn handle(
             }
         });
         let proto = parts.headers.get(http::header::UPGRADE).cloned().unwrap();
-        return Response::builder()
+        return served
+            .response()
             .status(StatusCode::SWITCHING_PROTOCOLS)
             .header(http::header::CONNECTION, "upgrade")
             .header(http::header::UPGRADE, proto)
@@ -207,10 +229,15 @@ async fn handle(
         return reply(200, format!("{name} waited {ms}ms\n"));
     }
     if path == "/echo" {
-        return Response::builder()
-            .header("x-served-by", name)
-            .body(Full::new(body))
-            .unwrap();
+        return served.response().body(Full::new(body)).unwrap();
+    }
+    if path == "/headers" {
+        let lines: String = parts
+            .headers
+            .iter()
+            .map(|(k, v)| format!("{k}: {}\n", String::from_utf8_lossy(v.as_bytes())))
+            .collect();
+        return reply(200, lines);
     }
     reply(200, format!("hello from {name}\n"))
 }
