@@ -1,6 +1,7 @@
 //! remoractl: the CLI platform teams use to manage Remora. It validates
-//! config offline (`check`) and drives the control plane's Admin gRPC
-//! service (apply, diff, get, delete, history, rollback, status).
+//! config offline (`check`), adds the sidecar to Kubernetes workloads
+//! offline (`inject`), and drives the control plane's Admin gRPC service
+//! (apply, diff, get, delete, history, rollback, status).
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,7 +11,7 @@ use std::time::Duration;
 mod cli;
 
 use cli::commands::{self, Ctx, Format};
-use cli::{failure, Failure, Kind};
+use cli::{failure, inject, Failure, Kind};
 
 const EXIT_CODES: &str = "\
 Exit codes:
@@ -190,6 +191,44 @@ enum Command {
         #[command(flatten)]
         file: FileArg,
     },
+
+    /// Add the Remora sidecar to Kubernetes workloads (offline).
+    ///
+    /// Reads Kubernetes manifests and writes them to stdout with every pod
+    /// template (Deployment, StatefulSet, DaemonSet, ReplicaSet, Job,
+    /// CronJob, Pod, and the items of a List) given two init containers:
+    /// remora-init, which installs the iptables rules that route the pod's
+    /// traffic through the proxy, and remora-proxy as a native sidecar
+    /// (restartPolicy: Always), with its volumes. Other documents, and pods
+    /// already injected, are written back byte for byte, so injecting twice
+    /// changes nothing. Use: remoractl inject -f app.yaml | kubectl apply -f -
+    ///
+    /// Annotations on the pod template (or the workload):
+    /// remora.dev/inject: disabled (skip it); remora.dev/service (the
+    /// Service name; default: the workload's name, or a Pod's app label);
+    /// remora.dev/skip-inbound-ports, remora.dev/skip-outbound-ports
+    /// (comma-separated ports or ranges a-b) and
+    /// remora.dev/skip-outbound-cidrs (comma-separated IPv4 blocks): traffic
+    /// left out of interception.
+    ///
+    /// What happened to each workload is reported on stderr; pods that
+    /// cannot take the sidecar (hostNetwork: true, names or ports taken)
+    /// are left unchanged. Exit 0, 1 when the input is not valid YAML, 2
+    /// when it cannot be read; nothing is written on failure.
+    Inject {
+        #[command(flatten)]
+        file: FileArg,
+        /// The control plane the sidecars connect to.
+        #[arg(long, default_value = inject::DEFAULT_CONTROL_PLANE, value_name = "URL")]
+        control_plane: String,
+        /// The sidecar's image.
+        #[arg(long, default_value = inject::DEFAULT_PROXY_IMAGE, value_name = "IMAGE")]
+        proxy_image: String,
+        /// The image of remora-init (remora-proxy and iptables; its
+        /// entrypoint runs `remora-proxy init`).
+        #[arg(long, default_value = inject::DEFAULT_INIT_IMAGE, value_name = "IMAGE")]
+        init_image: String,
+    },
 }
 
 fn parse_kind(text: &str) -> Result<Kind, String> {
@@ -217,6 +256,19 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Check { file } => commands::check(&file.file),
+        Command::Inject {
+            file,
+            control_plane,
+            proxy_image,
+            init_image,
+        } => inject::run(
+            &file.file,
+            &inject::Options {
+                control_plane,
+                proxy_image,
+                init_image,
+            },
+        ),
         command => run_remote(&ctx, command),
     };
     match result {
@@ -267,7 +319,9 @@ fn run_remote(ctx: &Ctx, command: Command) -> Result<u8, Failure> {
                 commands::rollback(ctx, version, commands::author(author.author)).await
             }
             Command::Status => commands::status(ctx).await,
-            Command::Check { file } => commands::check(&file.file),
+            Command::Check { .. } | Command::Inject { .. } => {
+                Err(Failure::usage("offline commands do not run remotely"))
+            }
         }
     })
 }

@@ -5,6 +5,7 @@
 pub mod commands;
 pub mod diff;
 pub mod failure;
+pub mod inject;
 pub mod input;
 pub mod output;
 
