@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "proto/remora/config/v1/config.proto",
         "proto/remora/control/v1/control.proto",
+        "proto/remora/transport/v1/transport.proto",
     ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");

@@ -270,6 +270,8 @@ pub fn scope_config(cfg: &Config, service: &str) -> Config {
         http_routes: routes,
         rate_limit_policies,
         authorization_policies,
+        // Mesh-wide settings reach every proxy.
+        mesh_configs: cfg.mesh_configs.clone(),
     }
 }
 

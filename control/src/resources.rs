@@ -1,7 +1,9 @@
 //! A config as a set of resources keyed by (kind, namespace, name): upsert,
 //! delete, diff. Resources are kept sorted, so equal sets are equal configs.
 
-use remora_proto::model::{AuthorizationPolicy, Config, HttpRoute, RateLimitPolicy, Service};
+use remora_proto::model::{
+    AuthorizationPolicy, Config, HttpRoute, MeshConfig, RateLimitPolicy, Service,
+};
 use std::collections::BTreeMap;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -10,6 +12,7 @@ pub enum Resource {
     HttpRoute(HttpRoute),
     RateLimitPolicy(RateLimitPolicy),
     AuthorizationPolicy(AuthorizationPolicy),
+    MeshConfig(MeshConfig),
 }
 
 /// (kind, namespace, name)
@@ -22,6 +25,7 @@ impl Resource {
             Resource::HttpRoute(r) => ("HTTPRoute", r.metadata.as_ref()),
             Resource::RateLimitPolicy(p) => ("RateLimitPolicy", p.metadata.as_ref()),
             Resource::AuthorizationPolicy(p) => ("AuthorizationPolicy", p.metadata.as_ref()),
+            Resource::MeshConfig(m) => ("MeshConfig", m.metadata.as_ref()),
         };
         let meta = meta.cloned().unwrap_or_default();
         (kind, meta.namespace, meta.name)
@@ -33,6 +37,7 @@ impl Resource {
             Resource::HttpRoute(r) => remora_proto::yaml::resource_yaml(r),
             Resource::RateLimitPolicy(p) => remora_proto::yaml::resource_yaml(p),
             Resource::AuthorizationPolicy(p) => remora_proto::yaml::resource_yaml(p),
+            Resource::MeshConfig(m) => remora_proto::yaml::resource_yaml(m),
         }
     }
 }
@@ -52,6 +57,7 @@ pub fn kind_name(kind: &str) -> Option<&'static str> {
         "authorizationpolicy" | "authorizationpolicies" | "authz" | "ap" => {
             Some("AuthorizationPolicy")
         }
+        "meshconfig" | "meshconfigs" | "mesh" => Some("MeshConfig"),
         _ => None,
     }
 }
@@ -74,6 +80,10 @@ pub fn split(cfg: &Config) -> BTreeMap<Key, Resource> {
         let r = Resource::AuthorizationPolicy(p.clone());
         m.insert(r.key(), r);
     }
+    for c in &cfg.mesh_configs {
+        let r = Resource::MeshConfig(c.clone());
+        m.insert(r.key(), r);
+    }
     m
 }
 
@@ -85,6 +95,7 @@ pub fn join(set: BTreeMap<Key, Resource>) -> Config {
             Resource::HttpRoute(h) => cfg.http_routes.push(h),
             Resource::RateLimitPolicy(p) => cfg.rate_limit_policies.push(p),
             Resource::AuthorizationPolicy(p) => cfg.authorization_policies.push(p),
+            Resource::MeshConfig(m) => cfg.mesh_configs.push(m),
         }
     }
     cfg

@@ -19,6 +19,12 @@ pub mod pb {
                 include!(concat!(env!("OUT_DIR"), "/remora.control.v1.rs"));
             }
         }
+        pub mod transport {
+            pub mod v1 {
+                #![allow(clippy::all, missing_docs)]
+                include!(concat!(env!("OUT_DIR"), "/remora.transport.v1.rs"));
+            }
+        }
     }
 }
 
@@ -26,6 +32,8 @@ pub mod pb {
 pub use pb::remora::config::v1 as model;
 /// Control-plane services and messages (package `remora.control.v1`).
 pub use pb::remora::control::v1 as control;
+/// The header one proxy sends another after the mTLS handshake.
+pub use pb::remora::transport::v1 as transport;
 
 pub mod duration;
 pub mod validate;
@@ -43,4 +51,13 @@ pub fn resource_id(meta: Option<&model::Metadata>) -> String {
         Some(m) => format!("{}/{}", m.namespace, m.name),
         None => "<unnamed>".to_string(),
     }
+}
+
+/// How many resources a config holds, of every kind.
+pub fn resource_count(cfg: &model::Config) -> usize {
+    cfg.services.len()
+        + cfg.http_routes.len()
+        + cfg.rate_limit_policies.len()
+        + cfg.authorization_policies.len()
+        + cfg.mesh_configs.len()
 }

@@ -15,7 +15,12 @@ pub const MAX_RETRY_ATTEMPTS: u32 = 10;
 /// Bound on compiled regex size, so a config cannot exhaust memory.
 pub const MAX_REGEX_BYTES: usize = 1 << 20;
 
+/// Declared port protocols; an empty one is detected per connection.
 pub const PROTOCOLS: &[&str] = &["http", "http2", "grpc", "tcp"];
+/// Most virtual addresses a Service may have.
+pub const MAX_ADDRESSES: usize = 16;
+/// MeshConfig outboundTrafficPolicy values.
+pub const OUTBOUND_POLICIES: &[&str] = &["AllowAny", "RegistryOnly"];
 const METHODS: &[&str] = &[
     "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
 ];
@@ -74,7 +79,8 @@ pub fn qualify(ns: &str, reference: &str) -> String {
     }
 }
 
-/// Fills defaults: namespaces, kinds, protocols, target ports. `prepare`
+/// Fills defaults: namespaces, kinds, target ports (an empty protocol
+/// stays empty: it means "detect"). `prepare`
 /// calls it; the control plane also calls it on partial resource sets so
 /// they key the same way as the running config.
 pub fn normalize(cfg: &mut Config) {
@@ -89,9 +95,6 @@ pub fn normalize(cfg: &mut Config) {
         ns(&mut s.metadata);
         s.kind = "Service".into();
         for p in s.spec.get_or_insert_with(Default::default).ports.iter_mut() {
-            if p.protocol.is_empty() {
-                p.protocol = "http".into();
-            }
             if p.target_port == 0 {
                 p.target_port = p.port;
             }
@@ -122,6 +125,11 @@ pub fn normalize(cfg: &mut Config) {
                 l.scope = "Local".into();
             }
         }
+    }
+    for m in &mut cfg.mesh_configs {
+        ns(&mut m.metadata);
+        m.kind = "MeshConfig".into();
+        m.spec.get_or_insert_with(Default::default);
     }
     for p in &mut cfg.authorization_policies {
         let policy_ns = ns(&mut p.metadata);
@@ -246,6 +254,73 @@ impl Validator {
             }
             self.metadata(p.metadata.as_ref());
             self.authorization_policy(p.spec.as_ref().expect("normalized"), &services, &routes);
+        }
+        self.mesh_configs(&cfg.mesh_configs);
+        self.addresses(cfg);
+    }
+
+    /// At most one MeshConfig, with known values.
+    fn mesh_configs(&mut self, all: &[MeshConfig]) {
+        for (i, m) in all.iter().enumerate() {
+            self.resource = format!("MeshConfig {}", crate::resource_id(m.metadata.as_ref()));
+            if i > 0 {
+                self.err(
+                    "metadata.name",
+                    "a mesh has one MeshConfig; another one is already defined",
+                );
+            }
+            self.metadata(m.metadata.as_ref());
+            let spec = m.spec.as_ref().expect("normalized");
+            let policy = spec.outbound_traffic_policy.as_str();
+            if !policy.is_empty() && !OUTBOUND_POLICIES.contains(&policy) {
+                self.err(
+                    "outboundTrafficPolicy",
+                    format!("{policy:?} is not one of {}", OUTBOUND_POLICIES.join(", ")),
+                );
+            }
+        }
+    }
+
+    /// Virtual addresses are IPs, and no address:port belongs to two Services.
+    fn addresses(&mut self, cfg: &Config) {
+        let mut owner: HashMap<(std::net::IpAddr, u32), String> = HashMap::new();
+        for s in &cfg.services {
+            let id = crate::resource_id(s.metadata.as_ref());
+            self.resource = format!("Service {id}");
+            let spec = s.spec.as_ref().expect("normalized");
+            if spec.addresses.len() > MAX_ADDRESSES {
+                self.err(
+                    "addresses",
+                    format!("at most {MAX_ADDRESSES} addresses per Service"),
+                );
+            }
+            for (i, a) in spec.addresses.iter().enumerate() {
+                let Ok(ip) = a.parse::<std::net::IpAddr>() else {
+                    self.err(
+                        format!("addresses[{i}]"),
+                        format!("{a:?} is not an IP address"),
+                    );
+                    continue;
+                };
+                if ip.is_unspecified() || ip.is_loopback() {
+                    self.err(
+                        format!("addresses[{i}]"),
+                        format!("{a} cannot be a Service address"),
+                    );
+                    continue;
+                }
+                for p in &spec.ports {
+                    match owner.get(&(ip, p.port)) {
+                        Some(other) if *other != id => self.err(
+                            format!("addresses[{i}]"),
+                            format!("{ip}:{} is also an address of Service {other}", p.port),
+                        ),
+                        _ => {
+                            owner.insert((ip, p.port), id.clone());
+                        }
+                    }
+                }
+            }
         }
     }
 
@@ -385,7 +460,7 @@ impl Validator {
             if p.target_port > 65535 {
                 self.err(format!("{f}.targetPort"), "must be 1..65535");
             }
-            if !PROTOCOLS.contains(&p.protocol.as_str()) {
+            if !p.protocol.is_empty() && !PROTOCOLS.contains(&p.protocol.as_str()) {
                 self.err(
                     format!("{f}.protocol"),
                     format!("{:?} is not one of {}", p.protocol, PROTOCOLS.join(", ")),
@@ -970,13 +1045,49 @@ spec:
     }
 
     #[test]
+    fn mesh_config_and_service_addresses() {
+        let svc = "kind: Service\nmetadata: {name: a}\nspec:\n  ports: [{port: 80}]\n  addresses: [10.96.0.10]\n---\n";
+        let ok = format!("{svc}kind: MeshConfig\nmetadata: {{name: mesh}}\nspec: {{outboundTrafficPolicy: RegistryOnly}}\n");
+        let cfg = check(&ok).unwrap();
+        assert_eq!(
+            cfg.mesh_configs[0]
+                .spec
+                .as_ref()
+                .unwrap()
+                .outbound_traffic_policy,
+            "RegistryOnly"
+        );
+
+        let bad = format!("{svc}kind: MeshConfig\nmetadata: {{name: mesh}}\nspec: {{outboundTrafficPolicy: Open}}\n---\nkind: MeshConfig\nmetadata: {{name: other}}\n");
+        let errs = check(&bad).unwrap_err().to_string();
+        assert!(errs.contains("MeshConfig default/mesh: outboundTrafficPolicy: \"Open\" is not one of AllowAny, RegistryOnly"), "{errs}");
+        assert!(
+            errs.contains("MeshConfig default/other: metadata.name: a mesh has one MeshConfig"),
+            "{errs}"
+        );
+
+        let clash = format!("{svc}kind: Service\nmetadata: {{name: b}}\nspec:\n  ports: [{{port: 80}}]\n  addresses: [10.96.0.10, not-an-ip, 127.0.0.1]\n");
+        let errs = check(&clash).unwrap_err().to_string();
+        assert!(errs.contains("Service default/b: addresses[0]: 10.96.0.10:80 is also an address of Service default/a"), "{errs}");
+        assert!(
+            errs.contains("addresses[1]: \"not-an-ip\" is not an IP address"),
+            "{errs}"
+        );
+        assert!(
+            errs.contains("addresses[2]: 127.0.0.1 cannot be a Service address"),
+            "{errs}"
+        );
+    }
+
+    #[test]
     fn valid_config_fills_defaults() {
         let cfg = check(
             "kind: HTTPRoute\nmetadata: {name: r, namespace: shop}\nspec:\n  parentRefs: [{name: shop}]\n  rules: [{backendRefs: [{name: shop}]}]\n",
         )
         .unwrap();
         let svc = &cfg.services[0].spec.as_ref().unwrap().ports[0];
-        assert_eq!((svc.protocol.as_str(), svc.target_port), ("http", 80));
+        // An undeclared protocol stays empty: detected per connection.
+        assert_eq!((svc.protocol.as_str(), svc.target_port), ("", 80));
         let b = &cfg.http_routes[0].spec.as_ref().unwrap().rules[0].backend_refs[0];
         assert_eq!(b.namespace, "shop");
     }

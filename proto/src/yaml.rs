@@ -2,7 +2,7 @@
 //! `kind` choosing the message. Field names are the proto fields in
 //! camelCase, and unknown fields are errors, so a typo never passes silently.
 
-use crate::model::{AuthorizationPolicy, Config, HttpRoute, RateLimitPolicy, Service};
+use crate::model::{AuthorizationPolicy, Config, HttpRoute, MeshConfig, RateLimitPolicy, Service};
 use serde::de::DeserializeOwned;
 use std::path::{Path, PathBuf};
 
@@ -30,6 +30,9 @@ pub enum LoadError {
     #[error("{0}")]
     Invalid(#[from] crate::ValidationErrors),
 }
+
+/// The kinds a config document may have.
+const KINDS: &str = "Service, HTTPRoute, RateLimitPolicy, AuthorizationPolicy or MeshConfig";
 
 /// Parses one YAML text (several `---` documents) into a config. `source`
 /// names it in errors. The result is parsed, not yet validated.
@@ -78,20 +81,24 @@ fn add_yaml(cfg: &mut Config, text: &str, source: &str) -> Result<(), LoadError>
                     "AuthorizationPolicy",
                     &name,
                 )?),
-            "" => return Err(LoadError::Syntax {
-                source_name: source.to_string(),
-                doc: doc_no,
-                message:
-                    "missing `kind` (Service, HTTPRoute, RateLimitPolicy or AuthorizationPolicy)"
-                        .into(),
-            }),
+            "MeshConfig" => cfg.mesh_configs.push(typed::<MeshConfig>(
+                value.clone(),
+                source,
+                "MeshConfig",
+                &name,
+            )?),
+            "" => {
+                return Err(LoadError::Syntax {
+                    source_name: source.to_string(),
+                    doc: doc_no,
+                    message: format!("missing `kind` ({KINDS})"),
+                })
+            }
             other => {
                 return Err(LoadError::Syntax {
                     source_name: source.to_string(),
                     doc: doc_no,
-                    message: format!(
-                        "unknown kind {other:?} (expected Service, HTTPRoute or RateLimitPolicy)"
-                    ),
+                    message: format!("unknown kind {other:?} (expected {KINDS})"),
                 })
             }
         }
@@ -199,6 +206,10 @@ pub fn to_yaml(cfg: &Config) -> String {
     for p in &cfg.authorization_policies {
         out.push_str("---\n");
         out.push_str(&resource_yaml(p));
+    }
+    for m in &cfg.mesh_configs {
+        out.push_str("---\n");
+        out.push_str(&resource_yaml(m));
     }
     out
 }

@@ -132,6 +132,21 @@ impl Authz {
     }
 }
 
+impl Authz {
+    /// For an opaque TCP connection: only the Service's policies apply
+    /// (a route's rules have nothing to match on bytes). The allowing
+    /// target, if any, is returned for the decision metric.
+    pub fn check_connection(&self, id: Option<&str>) -> Result<Option<&str>, Denied> {
+        match &self.service {
+            Some(a) if !a.allows(id) => Err(Denied {
+                target: a.target.clone(),
+            }),
+            Some(a) => Ok(Some(a.target.as_str())),
+            None => Ok(None),
+        }
+    }
+}
+
 /// The policy for `service` (`namespace/name`) from a prepared config.
 pub fn compile(cfg: &Config, service: Option<&str>) -> Result<LocalPolicy, String> {
     let Some(service) = service else {
@@ -275,6 +290,31 @@ mod tests {
         assert!(a.check(&req("/"), Some(OPS)).is_ok());
         let denied = a.check(&req("/"), Some(OTHER_TD)).err().unwrap();
         assert_eq!(denied.target, "Service shop/api");
+    }
+
+    #[test]
+    fn connections_are_checked_against_service_policies_only() {
+        let p = policy("kind: AuthorizationPolicy\nmetadata: {name: a, namespace: shop}\nspec:\n  targetRef: {name: api}\n  from: [{namespace: shop}]\n---\nkind: AuthorizationPolicy\nmetadata: {name: b, namespace: shop}\nspec:\n  targetRef: {kind: HTTPRoute, name: admin}\n  from: [{namespace: ops}]\n");
+        let a = p.authz.unwrap();
+        assert_eq!(
+            a.check_connection(Some(WEB)).ok(),
+            Some(Some("Service shop/api"))
+        );
+        assert_eq!(
+            a.check_connection(Some(OPS)).err().unwrap().target,
+            "Service shop/api"
+        );
+        assert!(
+            a.check_connection(None).is_err(),
+            "plaintext has no identity"
+        );
+
+        // Only a route policy: it has nothing to match on a connection.
+        let p = policy("kind: AuthorizationPolicy\nmetadata: {name: b, namespace: shop}\nspec:\n  targetRef: {kind: HTTPRoute, name: admin}\n  from: [{namespace: ops}]\n");
+        assert_eq!(
+            p.authz.unwrap().check_connection(Some(WEB)).ok(),
+            Some(None)
+        );
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! a lock to pick an endpoint, and races only blur an estimate slightly.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -85,6 +86,13 @@ impl EndpointLoad {
         InflightGuard(&self.inflight)
     }
 
+    /// Like `start`, for a connection that outlives the borrow (opaque
+    /// TCP counts as in flight until it closes).
+    pub fn start_owned(self: &Arc<Self>) -> OwnedInflight {
+        self.inflight.fetch_add(1, Relaxed);
+        OwnedInflight(self.clone())
+    }
+
     pub fn available(&self, now: u64) -> bool {
         self.ejected_until_ms.load(Relaxed) <= now
     }
@@ -126,6 +134,15 @@ pub struct InflightGuard<'a>(&'a AtomicUsize);
 impl Drop for InflightGuard<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+/// `InflightGuard` holding its endpoint's load.
+pub struct OwnedInflight(Arc<EndpointLoad>);
+
+impl Drop for OwnedInflight {
+    fn drop(&mut self) {
+        self.0.inflight.fetch_sub(1, Relaxed);
     }
 }
 

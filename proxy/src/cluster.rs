@@ -7,7 +7,7 @@ use prometheus_client::metrics::counter::Counter;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Protocol {
     /// HTTP/1.1 to the upstream.
     Http1,
@@ -17,12 +17,16 @@ pub enum Protocol {
     Grpc,
     /// Opaque bytes.
     Tcp,
+    /// Not declared: each connection is detected (HTTP or opaque bytes),
+    /// and HTTP goes upstream in the version the caller spoke.
+    Detect,
 }
 
 impl Protocol {
     pub fn parse(s: &str) -> Option<Protocol> {
         Some(match s {
-            "http" | "" => Protocol::Http1,
+            "" => Protocol::Detect,
+            "http" => Protocol::Http1,
             "http2" => Protocol::Http2,
             "grpc" => Protocol::Grpc,
             "tcp" => Protocol::Tcp,
@@ -32,6 +36,16 @@ impl Protocol {
 
     pub fn is_h2(self) -> bool {
         matches!(self, Protocol::Http2 | Protocol::Grpc)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Http1 => "http",
+            Protocol::Http2 => "http2",
+            Protocol::Grpc => "grpc",
+            Protocol::Tcp => "tcp",
+            Protocol::Detect => "auto",
+        }
     }
 }
 

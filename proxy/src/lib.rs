@@ -3,14 +3,19 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod app;
 pub mod authz;
 pub mod balance;
 pub mod body;
 pub mod cluster;
+pub mod detect;
 pub mod discovery;
 pub mod error;
 pub mod identity;
+pub mod inbound;
+pub mod init;
 pub mod metrics;
+pub mod outbound;
 pub mod pool;
 pub mod proxy;
 pub mod ratelimit;
@@ -19,4 +24,6 @@ pub mod route;
 pub mod runtime;
 pub mod server;
 pub mod source;
+pub mod tcp;
 pub mod tls;
+pub mod transport;

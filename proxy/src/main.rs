@@ -4,17 +4,19 @@
 
 use anyhow::{bail, Context, Result};
 use arc_swap::ArcSwap;
-use clap::Parser;
+use clap::{Parser, Subcommand};
+use remora_proxy::app::LocalApp;
 use remora_proxy::balance::OutlierConfig;
-use remora_proxy::cluster::{Protocol, Target};
+use remora_proxy::cluster::Protocol;
 use remora_proxy::discovery::DiscoveryConfig;
 use remora_proxy::identity::{CertStore, IdentityConfig};
+use remora_proxy::init::{Cidr, InitConfig, PortRange};
 use remora_proxy::metrics::Metrics;
 use remora_proxy::pool::PoolConfig;
-use remora_proxy::proxy::{Direction, Inbound, Proxy};
+use remora_proxy::proxy::{Direction, Proxy};
 use remora_proxy::retry::BudgetParams;
-use remora_proxy::runtime::{build_cluster, Runtime, Settings};
-use remora_proxy::server::{serve_http, serve_tcp, Lifecycle, ServerLimits};
+use remora_proxy::runtime::{Runtime, Settings};
+use remora_proxy::server::{serve, Lifecycle, ServerLimits};
 use remora_proxy::tls::MeshTls;
 use remora_proxy::{admin, source};
 use std::net::SocketAddr;
@@ -43,8 +45,16 @@ fn listen_addr(s: &str) -> Result<Listen, String> {
 }
 
 #[derive(Parser, Debug)]
-#[command(name = "remora-proxy", version, about = "Remora sidecar proxy")]
+#[command(
+    name = "remora-proxy",
+    version,
+    about = "Remora sidecar proxy",
+    args_conflicts_with_subcommands = true
+)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
+
     /// Config file, or directory of *.yaml files, watched for changes.
     #[arg(long, env = "REMORA_CONFIG", conflicts_with = "control_plane")]
     config: Option<PathBuf>,
@@ -112,12 +122,23 @@ struct Args {
     /// Inbound listener: traffic from the mesh to the local app ("off" disables).
     #[arg(long, env = "REMORA_INBOUND_ADDR", default_value = "0.0.0.0:4143", value_parser = listen_addr)]
     inbound_addr: Listen,
-    /// The local app the inbound listener forwards to.
-    #[arg(long, env = "REMORA_APP_ADDR", default_value = "127.0.0.1:8080")]
-    app_addr: SocketAddr,
-    /// What the local app speaks: http, http2, grpc, or tcp (forwarded as opaque bytes).
+    /// Send every inbound connection to this address (setups without
+    /// interception). Without it, a connection goes to the port the caller
+    /// meant on the pod's address, or to 127.0.0.1:8080 when it names none.
+    #[arg(long, env = "REMORA_APP_ADDR")]
+    app_addr: Option<SocketAddr>,
+    /// What the app at --app-addr (or 127.0.0.1:8080) speaks when its
+    /// Service does not declare it: http, http2, grpc, or tcp (opaque bytes).
     #[arg(long, env = "REMORA_APP_PROTOCOL", default_value = "http")]
     app_protocol: String,
+    /// How long an intercepted connection to an undeclared port may take to
+    /// send its first bytes before it is taken as opaque TCP (a
+    /// server-first protocol: declare its port `tcp` to skip the wait).
+    #[arg(long, env = "REMORA_DETECT_TIMEOUT", default_value = "1s", value_parser = duration)]
+    detect_timeout: Duration,
+    /// An opaque TCP connection with no byte either way for this long is closed.
+    #[arg(long, env = "REMORA_TCP_IDLE_TIMEOUT", default_value = "1h", value_parser = duration)]
+    tcp_idle_timeout: Duration,
     /// Outbound listener: the local app's calls to other services ("off" disables).
     #[arg(long, env = "REMORA_OUTBOUND_ADDR", default_value = "127.0.0.1:4140", value_parser = listen_addr)]
     outbound_addr: Listen,
@@ -195,9 +216,57 @@ struct Args {
     log_format: String,
 }
 
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Install the iptables rules that send the pod's TCP traffic through
+    /// the sidecar (an init container with NET_ADMIN and NET_RAW runs it in
+    /// the pod's network namespace). Running it again gives the same rules.
+    Init(InitArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct InitArgs {
+    /// The sidecar's user id: its own connections are not redirected.
+    #[arg(long, env = "REMORA_PROXY_UID", default_value_t = 2102)]
+    proxy_uid: u32,
+    /// The inbound listener's port: TCP arriving for the pod goes there.
+    #[arg(long, env = "REMORA_INBOUND_PORT", default_value_t = 4143)]
+    inbound_port: u16,
+    /// The outbound listener's port: TCP the pod sends goes there.
+    #[arg(long, env = "REMORA_OUTBOUND_PORT", default_value_t = 4140)]
+    outbound_port: u16,
+    /// The admin port (probes and metrics reach it directly).
+    #[arg(long, env = "REMORA_ADMIN_PORT", default_value_t = 4191)]
+    admin_port: u16,
+    /// Inbound ports (or ranges a-b) that reach the app directly, comma-separated.
+    #[arg(long, env = "REMORA_SKIP_INBOUND_PORTS", value_delimiter = ',')]
+    skip_inbound_ports: Vec<PortRange>,
+    /// Destination ports (or ranges a-b) the app reaches directly.
+    #[arg(long, env = "REMORA_SKIP_OUTBOUND_PORTS", value_delimiter = ',')]
+    skip_outbound_ports: Vec<PortRange>,
+    /// Destination address blocks (ip/prefix) the app reaches directly.
+    #[arg(long, env = "REMORA_SKIP_OUTBOUND_CIDRS", value_delimiter = ',')]
+    skip_outbound_cidrs: Vec<Cidr>,
+    /// Remove the rules instead.
+    #[arg(long)]
+    uninstall: bool,
+    /// Print the rules instead of installing them.
+    #[arg(long, conflicts_with = "uninstall")]
+    dry_run: bool,
+}
+
 fn main() -> std::process::ExitCode {
-    let args = Args::parse();
+    let mut args = Args::parse();
     init_logs(&args.log_format);
+    if let Some(Command::Init(init)) = args.command.take() {
+        return match run_init(init) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("remora-proxy init: {e}");
+                std::process::ExitCode::from(2)
+            }
+        };
+    }
     match run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -205,6 +274,37 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::from(2)
         }
     }
+}
+
+/// `remora-proxy init`.
+fn run_init(a: InitArgs) -> Result<(), remora_proxy::init::InitError> {
+    let cfg = InitConfig {
+        proxy_uid: a.proxy_uid,
+        inbound_port: a.inbound_port,
+        outbound_port: a.outbound_port,
+        admin_port: a.admin_port,
+        skip_inbound_ports: a.skip_inbound_ports,
+        skip_outbound_ports: a.skip_outbound_ports,
+        skip_outbound_cidrs: a.skip_outbound_cidrs,
+    };
+    let rules = remora_proxy::init::ruleset(&cfg);
+    if a.dry_run {
+        print!("{rules}");
+        return Ok(());
+    }
+    if a.uninstall {
+        remora_proxy::init::uninstall()?;
+        info!("interception rules removed");
+        return Ok(());
+    }
+    remora_proxy::init::install(&cfg)?;
+    info!(
+        proxy_uid = cfg.proxy_uid,
+        inbound = cfg.inbound_port,
+        outbound = cfg.outbound_port,
+        "interception rules installed:\n{rules}"
+    );
+    Ok(())
 }
 
 fn init_logs(format: &str) {
@@ -229,7 +329,8 @@ fn bind(addr: SocketAddr, what: &str) -> Result<std::net::TcpListener> {
 }
 
 fn run(args: Args) -> Result<()> {
-    let Some(app_protocol) = Protocol::parse(&args.app_protocol) else {
+    let Some(app_protocol) = Protocol::parse(&args.app_protocol).filter(|p| *p != Protocol::Detect)
+    else {
         bail!(
             "--app-protocol {:?}: expected http, http2, grpc or tcp",
             args.app_protocol
@@ -278,6 +379,9 @@ fn run(args: Args) -> Result<()> {
         header_read_timeout: args.header_read_timeout,
         idle_timeout: args.idle_timeout,
         max_concurrent_streams: args.max_concurrent_streams,
+        detect_timeout: args.detect_timeout,
+        tcp_idle_timeout: args.tcp_idle_timeout,
+        connect_timeout: args.connect_timeout,
     };
 
     // Bind everything first: a taken port is an error at start, not later.
@@ -301,31 +405,16 @@ fn run(args: Args) -> Result<()> {
             metrics.listener(name);
         }
     }
-    if inbound_l.is_some() && app_protocol == Protocol::Tcp {
-        let _ = metrics
-            .tcp_bytes
-            .get_or_create(&remora_proxy::metrics::ListenerLabels {
-                listener: "inbound",
-            });
-    }
-    let inbound = (app_protocol != Protocol::Tcp).then(|| Inbound {
-        cluster: build_cluster(
-            "inbound",
-            app_protocol,
-            &[Target {
-                addr: args.app_addr,
-                tls: false,
-            }],
-            None,
-            None,
-            &settings,
-            &metrics,
-        ),
-        metrics: metrics.route("inbound", "inbound", "inbound"),
-    });
+    let app = LocalApp::new(
+        args.app_addr,
+        SocketAddr::from(([127, 0, 0, 1], 8080)),
+        app_protocol,
+        settings.clone(),
+        metrics.clone(),
+    );
     let proxy = Arc::new(Proxy {
         runtime: ArcSwap::from_pointee(Runtime::empty()),
-        inbound,
+        app,
         metrics: metrics.clone(),
         retry_buffer: args.retry_buffer_bytes,
         access_log: args.access_log,
@@ -396,15 +485,11 @@ fn run(args: Args) -> Result<()> {
         let mut listeners = tokio::task::JoinSet::new();
         if let Some(l) = outbound_l {
             let l = tokio::net::TcpListener::from_std(l)?;
-            listeners.spawn(serve_http(l, "outbound", Direction::Outbound, proxy.clone(), limits.clone(), life.clone()));
+            listeners.spawn(serve(l, "outbound", Direction::Outbound, proxy.clone(), limits.clone(), life.clone()));
         }
         if let Some(l) = inbound_l {
             let l = tokio::net::TcpListener::from_std(l)?;
-            if app_protocol == Protocol::Tcp {
-                listeners.spawn(serve_tcp(l, "inbound", args.app_addr, args.connect_timeout, metrics.clone(), limits.clone(), life.clone()));
-            } else {
-                listeners.spawn(serve_http(l, "inbound", Direction::Inbound, proxy.clone(), limits.clone(), life.clone()));
-            }
+            listeners.spawn(serve(l, "inbound", Direction::Inbound, proxy.clone(), limits.clone(), life.clone()));
         }
         // Idle rate-limit keys are evicted in the background.
         let gc_proxy = proxy.clone();

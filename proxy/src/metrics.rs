@@ -60,6 +60,29 @@ pub struct ListenerLabels {
     pub listener: &'static str,
 }
 
+/// One opaque TCP flow: which listener, which Service port (or the local
+/// app's port, or `passthrough`), and which way the bytes went.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    pub listener: &'static str,
+    pub target: String,
+    /// `client_to_server` or `server_to_client`.
+    pub flow: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpConnLabels {
+    pub listener: &'static str,
+    pub target: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DetectLabels {
+    pub listener: &'static str,
+    /// http1, http2, tls, opaque, timeout, closed, or declared.
+    pub result: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HandshakeLabels {
     pub direction: &'static str,
@@ -99,7 +122,10 @@ pub struct Metrics {
     pub config_info: Family<VersionLabels, Gauge>,
     pub connections_active: Family<ListenerLabels, Gauge>,
     pub connections_total: Family<ListenerLabels, Counter>,
-    pub tcp_bytes: Family<ListenerLabels, Counter>,
+    pub tcp_bytes: Family<TcpLabels, Counter>,
+    pub tcp_connections: Family<TcpConnLabels, Counter>,
+    pub protocol_detections: Family<DetectLabels, Counter>,
+    pub unknown_destinations: Family<ResultLabels, Counter>,
     pub control_plane_connected: Gauge,
     pub ratelimit_decisions: Family<DecisionLabels, Counter>,
     pub identity_cert_expiry: DeadlineGauge,
@@ -183,8 +209,26 @@ impl Metrics {
         let tcp_bytes = Family::default();
         registry.register(
             "tcp_bytes",
-            "Bytes forwarded on opaque TCP connections",
+            "Bytes forwarded on opaque TCP connections, by listener, target (Service port, app port or passthrough) and flow",
             tcp_bytes.clone(),
+        );
+        let tcp_connections = Family::default();
+        registry.register(
+            "tcp_connections",
+            "Opaque TCP connections forwarded, by listener and target",
+            tcp_connections.clone(),
+        );
+        let protocol_detections = Family::default();
+        registry.register(
+            "protocol_detections",
+            "Connections by what their first bytes said (http1, http2, tls, opaque, timeout, closed), or declared when the port's protocol is",
+            protocol_detections.clone(),
+        );
+        let unknown_destinations = Family::default();
+        registry.register(
+            "outbound_unknown_destinations",
+            "Intercepted connections to an address of no Service, by result (passthrough under AllowAny, refused under RegistryOnly)",
+            unknown_destinations.clone(),
         );
         let control_plane_connected = Gauge::default();
         registry.register(
@@ -248,6 +292,9 @@ impl Metrics {
             connections_active,
             connections_total,
             tcp_bytes,
+            tcp_connections,
+            protocol_detections,
+            unknown_destinations,
             control_plane_connected,
             ratelimit_decisions,
             identity_cert_expiry,
@@ -302,6 +349,33 @@ impl Metrics {
         }
     }
 
+    /// Counters for one TCP target, resolved once per connection.
+    pub fn tcp(&self, listener: &'static str, target: &str) -> TcpCounters {
+        let c = |flow| {
+            self.tcp_bytes.get_or_create_owned(&TcpLabels {
+                listener,
+                target: target.to_string(),
+                flow,
+            })
+        };
+        self.tcp_connections
+            .get_or_create(&TcpConnLabels {
+                listener,
+                target: target.to_string(),
+            })
+            .inc();
+        TcpCounters {
+            to_server: c("client_to_server"),
+            to_client: c("server_to_client"),
+        }
+    }
+
+    pub fn detected(&self, listener: &'static str, result: &'static str) {
+        self.protocol_detections
+            .get_or_create(&DetectLabels { listener, result })
+            .inc();
+    }
+
     pub fn error(&self, direction: &'static str, reason: &'static str) {
         self.errors
             .get_or_create(&ErrorLabels { direction, reason })
@@ -314,6 +388,13 @@ impl Metrics {
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
+}
+
+/// Byte counters of one opaque connection's target.
+#[derive(Clone)]
+pub struct TcpCounters {
+    pub to_server: Counter,
+    pub to_client: Counter,
 }
 
 #[derive(Clone)]

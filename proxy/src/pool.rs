@@ -10,7 +10,8 @@
 //! request between two proxies.
 
 use crate::body::Body;
-use crate::tls::MeshTls;
+use crate::tls::{Alpn, MeshTls};
+use crate::transport::TransportHeader;
 use http::Uri;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::Client;
@@ -20,9 +21,10 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -35,12 +37,15 @@ pub struct PoolConfig {
     pub max_pending: usize,
 }
 
-/// The identity a backend's meshed endpoints must present.
+/// The identity a backend's meshed endpoints must present, and the port
+/// on those workloads that the transport header names.
 #[derive(Clone)]
 pub struct ClusterTls {
     pub mesh: Arc<MeshTls>,
     pub namespace: String,
     pub service_account: String,
+    /// The Service port's targetPort: the app port behind the peer proxy.
+    pub app_port: u16,
 }
 
 impl ClusterTls {
@@ -48,6 +53,7 @@ impl ClusterTls {
         Arc::ptr_eq(&self.mesh, &other.mesh)
             && self.namespace == other.namespace
             && self.service_account == other.service_account
+            && self.app_port == other.app_port
     }
 }
 
@@ -60,9 +66,24 @@ pub struct Pool {
     /// For Upgrade requests (WebSocket) to mTLS endpoints: HTTP/1.1 over
     /// mTLS, since an HTTP/2 connection cannot carry an HTTP/1.1 upgrade.
     pub upgrade_client: Option<Client<Connector, Body>>,
+    /// A port whose protocol is detected keeps the caller's HTTP version:
+    /// its HTTP/2 requests to plaintext endpoints go through this h2c
+    /// client, made on first use.
+    h2c_client: OnceLock<Client<Connector, Body>>,
+    connector: Connector,
+    cfg: PoolConfig,
     tls: Option<ClusterTls>,
     inflight: Arc<AtomicUsize>,
     max_inflight: usize,
+}
+
+fn client_builder(cfg: &PoolConfig) -> hyper_util::client::legacy::Builder {
+    let mut b = Client::builder(TokioExecutor::new());
+    b.pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .pool_idle_timeout(cfg.idle_timeout)
+        .pool_max_idle_per_host(cfg.max_connections);
+    b
 }
 
 impl Pool {
@@ -71,17 +92,13 @@ impl Pool {
             connect_timeout: cfg.connect_timeout,
             permits: Arc::new(Semaphore::new(cfg.max_connections.max(1))),
             tls: tls.clone(),
-            http1: false,
+            alpn: Alpn::H2,
         };
-        let mut b = Client::builder(TokioExecutor::new());
-        b.pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(cfg.idle_timeout)
-            .pool_max_idle_per_host(cfg.max_connections);
+        let mut b = client_builder(&cfg);
         // Upgrades share the connection cap.
         let upgrade_client = tls.is_some().then(|| {
             b.build(Connector {
-                http1: true,
+                alpn: Alpn::Http1,
                 ..connector.clone()
             })
         });
@@ -89,11 +106,24 @@ impl Pool {
         let per_conn = if http2 { H2_STREAMS_PER_CONN } else { 1 };
         Pool {
             upgrade_client,
-            client: b.build(connector),
+            client: b.build(connector.clone()),
+            h2c_client: OnceLock::new(),
+            connector,
+            cfg,
             tls,
             inflight: Arc::new(AtomicUsize::new(0)),
             max_inflight: cfg.max_connections.max(1) * per_conn + cfg.max_pending,
         }
+    }
+
+    /// The h2c client for HTTP/2 requests to a port whose protocol is
+    /// detected (see `h2c_client`).
+    pub fn h2c_client(&self) -> &Client<Connector, Body> {
+        self.h2c_client.get_or_init(|| {
+            let mut b = client_builder(&self.cfg);
+            b.http2_only(true);
+            b.build(self.connector.clone())
+        })
     }
 
     /// Whether this pool checks the same identity as `tls` would.
@@ -115,6 +145,21 @@ impl Pool {
         }
         Some(Admitted(self.inflight.clone()))
     }
+
+    /// Opens a connection for opaque bytes: plain TCP, or mTLS with a
+    /// transport header that says opaque bytes follow. It counts under the
+    /// backend's connection cap like an HTTP connection.
+    pub async fn connect_opaque(
+        &self,
+        addr: SocketAddr,
+        tls: bool,
+    ) -> Result<PooledConn, BoxError> {
+        let c = Connector {
+            alpn: Alpn::None,
+            ..self.connector.clone()
+        };
+        c.open(addr, tls.then(|| c.tls.clone())).await
+    }
 }
 
 /// One admitted request; releases its place when dropped.
@@ -133,11 +178,53 @@ pub struct Connector {
     connect_timeout: Duration,
     permits: Arc<Semaphore>,
     tls: Option<ClusterTls>,
-    /// Offer only HTTP/1.1 in ALPN (the upgrade client).
-    http1: bool,
+    /// What an mTLS connection offers: h2, HTTP/1.1 (the upgrade client),
+    /// or nothing (opaque bytes).
+    alpn: Alpn,
 }
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl Connector {
+    /// TCP to `addr` under the connection cap; with `tls`, mTLS to the peer
+    /// proxy, which must prove the Service's identity, and the transport
+    /// header naming the app port and what follows.
+    async fn open(
+        &self,
+        addr: SocketAddr,
+        tls: Option<Option<ClusterTls>>,
+    ) -> Result<PooledConn, BoxError> {
+        let permit = self.permits.clone().acquire_owned().await?;
+        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+        let _ = stream.set_nodelay(true);
+        let io = match tls {
+            None => Stream::Plain(stream),
+            Some(None) => return Err("an mTLS endpoint, but this proxy has no identity".into()),
+            Some(Some(t)) => {
+                let expect = t
+                    .mesh
+                    .expected_id(&t.namespace, &t.service_account)
+                    .ok_or("no workload certificate yet")?;
+                let mut s = t.mesh.connect(stream, addr.ip(), expect, self.alpn).await?;
+                let header = crate::transport::encode(&TransportHeader {
+                    port: t.app_port.into(),
+                    protocol: match self.alpn {
+                        Alpn::None => crate::transport::OPAQUE.into(),
+                        Alpn::H2 | Alpn::Http1 => String::new(),
+                    },
+                });
+                s.write_all(&header).await?;
+                Stream::Tls(Box::new(s))
+            }
+        };
+        Ok(PooledConn {
+            io: TokioIo::new(io),
+            _permit: permit,
+        })
+    }
+}
 
 impl tower_service::Service<Uri> for Connector {
     type Response = PooledConn;
@@ -149,36 +236,14 @@ impl tower_service::Service<Uri> for Connector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let permits = self.permits.clone();
-        let timeout = self.connect_timeout;
-        let tls = (uri.scheme() == Some(&http::uri::Scheme::HTTPS)).then(|| self.tls.clone());
-        let http1 = self.http1;
+        let this = self.clone();
         Box::pin(async move {
             let addr: SocketAddr = uri
                 .authority()
                 .and_then(|a| a.as_str().parse().ok())
                 .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not an ip:port"))?;
-            let permit = permits.acquire_owned().await?;
-            let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
-                .await
-                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
-            let _ = stream.set_nodelay(true);
-            let io = match tls {
-                None => Stream::Plain(stream),
-                Some(None) => return Err("an mTLS endpoint, but this proxy has no identity".into()),
-                Some(Some(t)) => {
-                    let expect = t
-                        .mesh
-                        .expected_id(&t.namespace, &t.service_account)
-                        .ok_or("no workload certificate yet")?;
-                    let s = t.mesh.connect(stream, addr.ip(), expect, http1).await?;
-                    Stream::Tls(Box::new(s))
-                }
-            };
-            Ok(PooledConn {
-                io: TokioIo::new(io),
-                _permit: permit,
-            })
+            let tls = (uri.scheme() == Some(&http::uri::Scheme::HTTPS)).then(|| this.tls.clone());
+            this.open(addr, tls).await
         })
     }
 }
@@ -251,6 +316,14 @@ impl tokio::io::AsyncWrite for Stream {
 pub struct PooledConn {
     io: TokioIo<Stream>,
     _permit: OwnedSemaphorePermit,
+}
+
+impl PooledConn {
+    /// The connection as a tokio stream (for opaque bytes), with its place
+    /// under the cap, released when the stream is dropped.
+    pub fn into_stream(self) -> (Stream, OwnedSemaphorePermit) {
+        (self.io.into_inner(), self._permit)
+    }
 }
 
 impl Connection for PooledConn {

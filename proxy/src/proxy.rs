@@ -10,8 +10,9 @@
 
 use crate::body::Body;
 use crate::cluster::Cluster;
+use crate::cluster::Protocol;
 use crate::error::ProxyError;
-use crate::metrics::{Metrics, RetryLabels, RouteMetrics};
+use crate::metrics::{Metrics, RetryLabels};
 use crate::ratelimit::Outcome as RateOutcome;
 use crate::route::{authority, Lookup, Rule};
 use crate::runtime::Runtime;
@@ -45,16 +46,16 @@ impl Direction {
     }
 }
 
-/// The local app behind the inbound listener.
-pub struct Inbound {
-    pub cluster: Arc<Cluster>,
-    pub metrics: RouteMetrics,
-}
+/// Between two proxies every request is HTTP/2. To a port whose protocol
+/// is detected, the caller's proxy says with this header that the app spoke
+/// HTTP/1.1, so the server's proxy speaks HTTP/1.1 to its app too.
+pub const ORIG_PROTO: HeaderName = HeaderName::from_static("x-remora-orig-proto");
 
 pub struct Proxy {
     /// The running config; swapped whole on every accepted change.
     pub runtime: ArcSwap<Runtime>,
-    pub inbound: Option<Inbound>,
+    /// Where the inbound side sends requests.
+    pub app: crate::app::LocalApp,
     pub metrics: Arc<Metrics>,
     /// Largest request body buffered so it can be retried or mirrored.
     pub retry_buffer: usize,
@@ -85,6 +86,8 @@ impl Replay {
 
 /// The parts of a request needed to send it again.
 struct Head {
+    /// The version the app spoke (a detected port keeps it upstream).
+    version: Version,
     method: Method,
     path: PathAndQuery,
     authority: Option<HeaderValue>,
@@ -92,13 +95,19 @@ struct Head {
 }
 
 impl Proxy {
-    /// Serves one request from the local app to the mesh.
-    pub async fn outbound(self: Arc<Self>, req: Request<Incoming>, peer: IpAddr) -> Response<Body> {
+    /// Serves one request from the local app to the mesh. `dst` is where
+    /// the app meant to go, for an intercepted connection.
+    pub async fn outbound(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: IpAddr,
+        dst: Option<SocketAddr>,
+    ) -> Response<Body> {
         let start = Instant::now();
         let grpc = is_grpc(&req);
         // The snapshot this request runs on, to the end, whatever swaps.
         let rt = self.runtime.load_full();
-        let rule = match rt.routes.find(&req) {
+        let rule = match rt.routes.find_at(&req, dst) {
             Lookup::Found(rule) => rule.clone(),
             Lookup::UnknownHost | Lookup::NoMatch => {
                 let host = authority(&req).unwrap_or("").to_string();
@@ -143,20 +152,24 @@ impl Proxy {
         resp
     }
 
-    /// Serves one request from the mesh to the local app. `client` is the
-    /// caller's SPIFFE ID when it came over mTLS.
+    /// Serves one request from the mesh to the local app (`app`: the port
+    /// the connection was for). `client` is the caller's SPIFFE ID when it
+    /// came over mTLS.
     pub async fn inbound(
         self: Arc<Self>,
         mut req: Request<Incoming>,
         peer: IpAddr,
         client: Option<Arc<str>>,
+        app: Arc<Cluster>,
     ) -> Response<Body> {
         let start = Instant::now();
         let grpc = is_grpc(&req);
-        let Some(inbound) = &self.inbound else {
-            let host = authority(&req).unwrap_or("").to_string();
-            return self.fail(Direction::Inbound, ProxyError::NoRoute(host), grpc);
-        };
+        // The version the app behind a detected port gets: the caller's.
+        if let Some(v) = req.headers_mut().remove(ORIG_PROTO) {
+            if v.as_bytes().starts_with(b"HTTP/1") && app.protocol == Protocol::Detect {
+                *req.version_mut() = Version::HTTP_11;
+            }
+        }
         let (method, path) = (req.method().clone(), req.uri().path().to_string());
         let client_id = client.as_deref();
         let rt = self.runtime.load();
@@ -201,10 +214,7 @@ impl Proxy {
         drop(rt);
         let upgrade = is_upgrade(&req);
         let send = async {
-            match self
-                .send_streaming(&inbound.cluster, req, None, upgrade)
-                .await
-            {
+            match self.send_streaming(&app, req, None, upgrade).await {
                 Ok(resp) => resp,
                 Err(e) => self.fail(Direction::Inbound, e, grpc),
             }
@@ -212,8 +222,8 @@ impl Proxy {
         let resp = self
             .within_limits(Direction::Inbound, outcome, grpc, send)
             .await;
-        inbound
-            .metrics
+        self.app
+            .route_metrics
             .record(resp.status().as_u16(), start.elapsed());
         if self.access_log {
             info!(target: "access", direction = "inbound", %method, path,
@@ -396,12 +406,22 @@ impl Proxy {
         set_upstream_uri(&mut req, ep);
         let _inflight = ep.load.start();
         let t0 = Instant::now();
-        // An Upgrade to an mTLS endpoint needs HTTP/1.1 (the mesh's
-        // connections are HTTP/2).
+        let h2 = req.version() == Version::HTTP_2;
         let client = match &cluster.pool.upgrade_client {
+            // An Upgrade to an mTLS endpoint needs HTTP/1.1 (the mesh's
+            // connections are HTTP/2).
             Some(c) if ep.tls() && req.headers().contains_key(header::UPGRADE) => c,
+            // A detected port keeps the app's version: h2c for HTTP/2.
+            _ if h2 && !ep.tls() && cluster.protocol == Protocol::Detect => {
+                cluster.pool.h2c_client()
+            }
             _ => &cluster.pool.client,
         };
+        if ep.tls() && !h2 && cluster.protocol == Protocol::Detect {
+            // The hop is HTTP/2; the peer proxy gives its app HTTP/1.1.
+            req.headers_mut()
+                .insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
+        }
         let sent = client.request(req);
         let result = match per_try {
             Some(d) => tokio::time::timeout(d, sent).await,
@@ -479,6 +499,7 @@ impl Head {
         let http::request::Parts {
             method,
             uri,
+            version,
             mut headers,
             ..
         } = parts;
@@ -486,11 +507,14 @@ impl Head {
             .authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
         strip_hop_by_hop(&mut headers);
+        // Only the proxy says what the app spoke.
+        headers.remove(ORIG_PROTO);
         let path = uri
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         Head {
+            version,
             method,
             path,
             authority,
@@ -502,6 +526,7 @@ impl Head {
     /// its endpoint later, in `set_upstream_uri`.
     fn request(&self, body: Body, cluster: &Cluster) -> Request<Body> {
         Head {
+            version: self.version,
             method: self.method.clone(),
             path: self.path.clone(),
             authority: self.authority.clone(),
@@ -517,7 +542,11 @@ impl Head {
         *req.method_mut() = self.method;
         *req.headers_mut() = self.headers;
         *req.uri_mut() = Uri::from(self.path);
-        if cluster.protocol.is_h2() {
+        let h2 = match cluster.protocol {
+            Protocol::Detect => self.version == Version::HTTP_2,
+            p => p.is_h2(),
+        };
+        if h2 {
             *req.version_mut() = Version::HTTP_2;
         } else {
             *req.version_mut() = Version::HTTP_11;

@@ -10,6 +10,7 @@ use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Request};
 use regex::Regex;
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -171,6 +172,9 @@ impl Rule {
 
 pub struct PortRoutes {
     pub port: u16,
+    /// The Service port itself: where opaque bytes go, and what its
+    /// protocol is.
+    pub cluster: Arc<Cluster>,
     pub entries: Vec<(Matcher, Arc<Rule>)>,
     /// Used when no route is attached to this port: straight to the Service.
     pub fallback: Option<Arc<Rule>>,
@@ -191,10 +195,27 @@ impl ServiceRoutes {
     }
 }
 
-/// Host (as a caller writes it) to the routes of the Service it names.
+impl PortRoutes {
+    /// The rule for a request to this port.
+    fn find<B>(&self, req: &Request<B>) -> Lookup<'_> {
+        if let Some((_, rule)) = self.entries.iter().find(|(m, _)| m.matches(req)) {
+            return Lookup::Found(rule);
+        }
+        match &self.fallback {
+            Some(rule) => Lookup::Found(rule),
+            None => Lookup::NoMatch,
+        }
+    }
+}
+
+/// Host (as a caller writes it) to the routes of the Service it names, and
+/// address (a Service's virtual IP or an endpoint's, with the port) to the
+/// Service port it belongs to.
 #[derive(Default)]
 pub struct RouteTable {
     pub hosts: HashMap<String, Arc<ServiceRoutes>>,
+    /// For intercepted connections: where the app meant to go.
+    pub destinations: HashMap<SocketAddr, (Arc<ServiceRoutes>, usize)>,
 }
 
 pub enum Lookup<'a> {
@@ -204,7 +225,31 @@ pub enum Lookup<'a> {
 }
 
 impl RouteTable {
+    /// The Service port an intercepted connection to `addr` is for.
+    pub fn destination(&self, addr: &SocketAddr) -> Option<&PortRoutes> {
+        let (svc, i) = self.destinations.get(addr)?;
+        svc.ports.get(*i)
+    }
+
+    /// The rule for a request: by the Service its Host names, else (an
+    /// intercepted connection) by the address the app connected to.
+    /// A Host without a port means the Service port the app connected to.
+    pub fn find_at<B>(&self, req: &Request<B>, dst: Option<SocketAddr>) -> Lookup<'_> {
+        let Some(dst) = dst.and_then(|d| self.destination(&d)) else {
+            return self.find(req);
+        };
+        match self.find_with_port(req, Some(dst.port)) {
+            Lookup::UnknownHost => dst.find(req),
+            found => found,
+        }
+    }
+
     pub fn find<B>(&self, req: &Request<B>) -> Lookup<'_> {
+        self.find_with_port(req, None)
+    }
+
+    /// `port`: the port to assume when the authority names none.
+    fn find_with_port<B>(&self, req: &Request<B>, default_port: Option<u16>) -> Lookup<'_> {
         let Some(authority) = authority(req) else {
             return Lookup::UnknownHost;
         };
@@ -217,15 +262,9 @@ impl RouteTable {
         let Some(svc) = svc else {
             return Lookup::UnknownHost;
         };
-        let Some(port) = svc.port(port) else {
-            return Lookup::UnknownHost;
-        };
-        if let Some((_, rule)) = port.entries.iter().find(|(m, _)| m.matches(req)) {
-            return Lookup::Found(rule);
-        }
-        match &port.fallback {
-            Some(rule) => Lookup::Found(rule),
-            None => Lookup::NoMatch,
+        match svc.port(port.or(default_port)) {
+            Some(port) => port.find(req),
+            None => Lookup::UnknownHost,
         }
     }
 }

@@ -83,6 +83,19 @@ pub struct Runtime {
     pub inbound_limits: Arc<LimiterSet>,
     /// mTLS mode, identity header and authorization for the local Service.
     pub local: LocalPolicy,
+    /// Declared protocols of the local app's ports (targetPorts).
+    pub local_ports: HashMap<u16, Protocol>,
+    /// What intercepted connections to addresses of no Service get.
+    pub outbound_policy: OutboundPolicy,
+}
+
+/// MeshConfig's outboundTrafficPolicy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutboundPolicy {
+    /// Forwarded as plain TCP to where the app meant to go.
+    AllowAny,
+    /// Refused.
+    RegistryOnly,
 }
 
 impl Runtime {
@@ -97,6 +110,8 @@ impl Runtime {
             limits: HashMap::new(),
             inbound_limits: Arc::new(LimiterSet::default()),
             local: LocalPolicy::default(),
+            local_ports: HashMap::new(),
+            outbound_policy: OutboundPolicy::AllowAny,
         }
     }
 }
@@ -135,12 +150,17 @@ pub fn compile(
                     } else {
                         spec.service_account.clone()
                     },
+                    app_port: 0,
                 }
             });
         for p in &spec.ports {
             let protocol = Protocol::parse(&p.protocol)
                 .ok_or_else(|| format!("Service {id}: unknown protocol {:?}", p.protocol))?;
             let cid = format!("{id}:{}", p.port);
+            let tls = tls.clone().map(|t| ClusterTls {
+                app_port: p.target_port as u16,
+                ..t
+            });
             let mut targets = Vec::new();
             for e in &spec.endpoints {
                 let ip: IpAddr = e
@@ -150,8 +170,7 @@ pub fn compile(
                 let port = if e.port != 0 { e.port } else { p.target_port };
                 targets.push(Target {
                     addr: SocketAddr::new(ip, port as u16),
-                    // Opaque TCP goes through as bytes, never via the HTTP pool.
-                    tls: e.meshed && tls.is_some() && protocol != Protocol::Tcp,
+                    tls: e.meshed && tls.is_some(),
                 });
             }
             let cluster = build_cluster(
@@ -284,6 +303,7 @@ pub fn compile(
             });
             port_routes.push(PortRoutes {
                 port: *port,
+                cluster: clusters[cid].clone(),
                 entries,
                 fallback,
             });
@@ -292,6 +312,7 @@ pub fn compile(
             id: id.clone(),
             ports: port_routes,
         });
+        add_destinations(&mut table, svc, &routes);
         let (ns, name) = (&meta.namespace, &meta.name);
         if *ns == s.namespace {
             table.hosts.insert(name.clone(), routes.clone());
@@ -306,6 +327,11 @@ pub fn compile(
     }
 
     let local = crate::authz::compile(&cfg, s.service.as_deref())?;
+    let local_ports = local_ports(&cfg, s.service.as_deref());
+    let outbound_policy = match cfg.mesh_configs.first().and_then(|m| m.spec.as_ref()) {
+        Some(m) if m.outbound_traffic_policy == "RegistryOnly" => OutboundPolicy::RegistryOnly,
+        _ => OutboundPolicy::AllowAny,
+    };
     Ok(Runtime {
         version,
         config: Arc::new(cfg),
@@ -315,7 +341,65 @@ pub fn compile(
         limits: limits.into_iter().map(|(k, (_, l))| (k, l)).collect(),
         inbound_limits,
         local,
+        local_ports,
+        outbound_policy,
     })
+}
+
+/// Where intercepted connections to `svc` arrive: its virtual addresses on
+/// each port, and its endpoints on the port the app listens on (a meshed
+/// endpoint registers its proxy's inbound port, but the app behind it
+/// listens on the targetPort). An address two Services share stays with
+/// the first.
+fn add_destinations(table: &mut RouteTable, svc: &model::Service, routes: &Arc<ServiceRoutes>) {
+    let Some(spec) = &svc.spec else { return };
+    for p in &spec.ports {
+        let Some(i) = routes
+            .ports
+            .iter()
+            .position(|r| u32::from(r.port) == p.port)
+        else {
+            continue;
+        };
+        let vips = spec
+            .addresses
+            .iter()
+            .filter_map(|a| a.parse::<IpAddr>().ok());
+        let vips = vips.map(|ip| SocketAddr::new(ip, p.port as u16));
+        let endpoints = spec.endpoints.iter().filter_map(|e| {
+            let ip = e.address.parse::<IpAddr>().ok()?;
+            let port = if e.meshed || e.port == 0 {
+                p.target_port
+            } else {
+                e.port
+            };
+            Some(SocketAddr::new(ip, port as u16))
+        });
+        for addr in vips.chain(endpoints) {
+            table
+                .destinations
+                .entry(addr)
+                .or_insert_with(|| (routes.clone(), i));
+        }
+    }
+}
+
+/// The declared protocols of the local Service's ports, by the port the
+/// app listens on (targetPort).
+fn local_ports(cfg: &Config, service: Option<&str>) -> HashMap<u16, Protocol> {
+    let Some(service) = service else {
+        return HashMap::new();
+    };
+    let spec = cfg
+        .services
+        .iter()
+        .find(|s| remora_proto::resource_id(s.metadata.as_ref()) == service)
+        .and_then(|s| s.spec.as_ref());
+    spec.into_iter()
+        .flat_map(|sp| sp.ports.iter())
+        .filter_map(|p| Some((p.target_port as u16, Protocol::parse(&p.protocol)?)))
+        .filter(|(_, proto)| *proto != Protocol::Detect)
+        .collect()
 }
 
 /// A cluster for `addrs`, reusing the previous one whole when nothing

@@ -1,13 +1,12 @@
-//! Listeners: accept, bound, serve, drain. HTTP listeners serve HTTP/1.1 and
-//! h2c on one port (hyper-util's auto builder reads the preface); opaque
-//! listeners copy bytes. Every connection watches two signals: shutdown
-//! (drain gracefully) and idleness (close a keep-alive connection nobody
-//! uses).
+//! Listeners: accept, bound, serve, drain. What a connection carries is
+//! decided per connection (`outbound.rs`, `inbound.rs`); HTTP is served
+//! here, HTTP/1.1 and h2c on one port (hyper-util's auto builder reads the
+//! preface). Every HTTP connection watches two signals: shutdown (drain
+//! gracefully) and idleness (close a keep-alive connection nobody uses).
 
-use crate::authz::MtlsMode;
+use crate::cluster::Cluster;
 use crate::metrics::{ListenerLabels, Metrics};
 use crate::proxy::{Direction, Proxy};
-use crate::tls::MeshTls;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -30,6 +29,13 @@ pub struct ServerLimits {
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_concurrent_streams: u32,
+    /// How long the first bytes of an undeclared port may take to say
+    /// what the client speaks (then: opaque).
+    pub detect_timeout: Duration,
+    /// An opaque connection with no byte either way for this long is cut.
+    pub tcp_idle_timeout: Duration,
+    /// Time to open a connection to the local app or a passthrough address.
+    pub connect_timeout: Duration,
 }
 
 /// Shared by every listener: the shutdown signal and the connections to
@@ -38,6 +44,12 @@ pub struct ServerLimits {
 pub struct Lifecycle {
     pub shutdown: watch::Receiver<bool>,
     pub tracker: TaskTracker,
+}
+
+/// What serving one connection needs.
+pub(crate) struct Listener {
+    pub builder: auto::Builder<TokioExecutor>,
+    pub limits: ServerLimits,
 }
 
 fn http_builder(limits: &ServerLimits) -> auto::Builder<TokioExecutor> {
@@ -57,8 +69,9 @@ fn http_builder(limits: &ServerLimits) -> auto::Builder<TokioExecutor> {
 }
 
 /// Accepts until shutdown; then closes the listener (new connections are
-/// refused) and leaves open ones to drain.
-pub async fn serve_http(
+/// refused) and leaves open ones to drain. Outbound connections come from
+/// the local app (`outbound.rs`), inbound ones from the mesh (`inbound.rs`).
+pub async fn serve(
     listener: TcpListener,
     name: &'static str,
     direction: Direction,
@@ -66,9 +79,10 @@ pub async fn serve_http(
     limits: ServerLimits,
     life: Lifecycle,
 ) {
-    let builder = Arc::new(http_builder(&limits));
-    let idle = limits.idle_timeout;
-    let first_byte_timeout = limits.header_read_timeout;
+    let shared = Arc::new(Listener {
+        builder: http_builder(&limits),
+        limits: limits.clone(),
+    });
     accept_loop(
         listener,
         name,
@@ -76,22 +90,20 @@ pub async fn serve_http(
         &limits,
         life.clone(),
         move |stream, peer| {
-            let (proxy, builder, shutdown) =
-                (proxy.clone(), builder.clone(), life.shutdown.clone());
+            let (proxy, shared, shutdown) = (proxy.clone(), shared.clone(), life.shutdown.clone());
             async move {
                 let conn = Conn {
                     peer,
                     direction,
                     proxy,
-                    idle,
+                    idle: shared.limits.idle_timeout,
                     shutdown,
+                    dst: None,
+                    app: None,
                 };
-                match (&conn.proxy.tls, direction) {
-                    (Some(tls), Direction::Inbound) => {
-                        let tls = tls.clone();
-                        serve_inbound(stream, conn, &builder, &tls, first_byte_timeout).await
-                    }
-                    _ => serve_http_conn(stream, conn, &builder, None).await,
+                match direction {
+                    Direction::Outbound => crate::outbound::connection(stream, conn, &shared).await,
+                    Direction::Inbound => crate::inbound::connection(stream, conn, &shared).await,
                 }
             }
         },
@@ -100,98 +112,30 @@ pub async fn serve_http(
 }
 
 /// One accepted connection's context.
-struct Conn {
-    peer: SocketAddr,
-    direction: Direction,
-    proxy: Arc<Proxy>,
-    idle: Duration,
-    shutdown: watch::Receiver<bool>,
+pub(crate) struct Conn {
+    pub peer: SocketAddr,
+    pub direction: Direction,
+    pub proxy: Arc<Proxy>,
+    pub idle: Duration,
+    pub shutdown: watch::Receiver<bool>,
+    /// Outbound: where the app meant to go (an intercepted connection).
+    pub dst: Option<SocketAddr>,
+    /// Inbound: the local app port the connection is for.
+    pub app: Option<Arc<Cluster>>,
 }
 
-/// The inbound side of a proxy with an identity: a connection that opens
-/// with a TLS handshake gets mTLS (the caller's identity rides along with
-/// each request); plaintext is served only when the local Service's mode
-/// allows it.
-async fn serve_inbound(
-    stream: TcpStream,
-    conn: Conn,
-    builder: &auto::Builder<TokioExecutor>,
-    tls: &MeshTls,
-    first_byte_timeout: Duration,
-) {
-    let mode = conn.proxy.runtime.load().local.mode;
-    if mode == MtlsMode::Disabled {
-        return serve_http_conn(stream, conn, builder, None).await;
-    }
-    // A TLS record starts with 0x16 (handshake); HTTP/1 starts with a
-    // method and h2c with "PRI".
-    let mut first = [0u8; 1];
-    let peer = conn.peer;
-    let is_tls = match tokio::time::timeout(first_byte_timeout, stream.peek(&mut first)).await {
-        Ok(Ok(1)) => first[0] == 0x16,
-        Ok(_) => return,
-        Err(_) => return debug!(%peer, "closed a connection that sent nothing"),
-    };
-    if is_tls {
-        match tls.accept(stream).await {
-            Ok((s, client)) => {
-                debug!(%peer, client = %client.id, "mTLS connection");
-                let left = client
-                    .expires
-                    .duration_since(std::time::SystemTime::now())
-                    .unwrap_or_default();
-                let until = tokio::time::Instant::now() + left;
-                serve_http_conn(s, conn, builder, Some((client.id, until))).await
-            }
-            Err(e) => info!(%peer, error = %e, "mTLS handshake refused"),
-        }
-    } else if mode == MtlsMode::Strict {
-        conn.proxy.metrics.plaintext_refused.inc();
-        info!(%peer, "plaintext connection refused: this Service's mTLS mode is Strict");
+/// Where a connection redirected by the pod's iptables rules was going
+/// (SO_ORIGINAL_DST); `None` when it was addressed to the listener itself.
+pub fn original_dst(stream: &TcpStream) -> Option<SocketAddr> {
+    let local = stream.local_addr().ok()?;
+    let sock = socket2::SockRef::from(stream);
+    let orig = if local.is_ipv4() {
+        sock.original_dst_v4()
     } else {
-        serve_http_conn(stream, conn, builder, None).await
-    }
-}
-
-/// Accepts until shutdown and forwards each connection's bytes to `target`.
-pub async fn serve_tcp(
-    listener: TcpListener,
-    name: &'static str,
-    target: SocketAddr,
-    connect_timeout: Duration,
-    metrics: Arc<Metrics>,
-    limits: ServerLimits,
-    life: Lifecycle,
-) {
-    let bytes = metrics
-        .tcp_bytes
-        .get_or_create_owned(&ListenerLabels { listener: name });
-    accept_loop(
-        listener,
-        name,
-        &metrics,
-        &limits,
-        life,
-        move |client, peer| {
-            let bytes = bytes.clone();
-            async move {
-                let upstream =
-                    tokio::time::timeout(connect_timeout, TcpStream::connect(target)).await;
-                let mut upstream = match upstream {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => return warn!(%peer, %target, error = %e, "opaque connect failed"),
-                    Err(_) => return warn!(%peer, %target, "opaque connect timed out"),
-                };
-                let _ = upstream.set_nodelay(true);
-                // Counted as bytes flow, so long-lived connections show too.
-                let mut counted = Counted { io: client, bytes };
-                if let Err(e) = tokio::io::copy_bidirectional(&mut counted, &mut upstream).await {
-                    debug!(%peer, error = %e, "opaque connection ended");
-                }
-            }
-        },
-    )
-    .await
+        sock.original_dst_v6()
+    };
+    let orig = orig.ok()?.as_socket()?;
+    (orig != local).then_some(orig)
 }
 
 async fn accept_loop<F, Fut>(
@@ -259,7 +203,7 @@ struct Activity {
 
 /// Serves HTTP on one connection. `client` is the caller's SPIFFE ID on
 /// an mTLS connection, with the instant its certificates expire.
-async fn serve_http_conn<S>(
+pub(crate) async fn serve_http_conn<S>(
     stream: S,
     conn: Conn,
     builder: &auto::Builder<TokioExecutor>,
@@ -273,6 +217,8 @@ async fn serve_http_conn<S>(
         proxy,
         idle,
         mut shutdown,
+        dst,
+        app,
     } = conn;
     let (client, expires) = match client {
         Some((id, at)) => (Some(id), Some(at)),
@@ -285,11 +231,12 @@ async fn serve_http_conn<S>(
         let proxy = proxy.clone();
         let act = act.clone();
         let client = client.clone();
+        let app = app.clone();
         async move {
             act.inflight.fetch_add(1, Relaxed);
-            let resp = match direction {
-                Direction::Outbound => proxy.outbound(req, peer.ip()).await,
-                Direction::Inbound => proxy.inbound(req, peer.ip(), client).await,
+            let resp = match (direction, app) {
+                (Direction::Inbound, Some(app)) => proxy.inbound(req, peer.ip(), client, app).await,
+                _ => proxy.outbound(req, peer.ip(), dst).await,
             };
             act.last_ms.store(crate::balance::now_ms(), Relaxed);
             act.inflight.fetch_sub(1, Relaxed);
@@ -333,52 +280,5 @@ async fn serve_http_conn<S>(
                 }
             }
         }
-    }
-}
-
-/// A stream that counts the bytes read from and written to it.
-struct Counted {
-    io: TcpStream,
-    bytes: prometheus_client::metrics::counter::Counter,
-}
-
-impl tokio::io::AsyncRead for Counted {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let r = std::pin::Pin::new(&mut self.io).poll_read(cx, buf);
-        self.bytes.inc_by((buf.filled().len() - before) as u64);
-        r
-    }
-}
-
-impl tokio::io::AsyncWrite for Counted {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        let r = std::pin::Pin::new(&mut self.io).poll_write(cx, buf);
-        if let std::task::Poll::Ready(Ok(n)) = r {
-            self.bytes.inc_by(n as u64);
-        }
-        r
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }

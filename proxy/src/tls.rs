@@ -36,6 +36,17 @@ use tokio_rustls::{client, server, TlsAcceptor, TlsConnector};
 /// Longest a handshake may take before the connection is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// What a connection to a peer proxy offers in ALPN.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Alpn {
+    /// HTTP/2: every request between two proxies, multiplexed.
+    H2,
+    /// HTTP/1.1: Upgrade requests (a WebSocket needs an HTTP/1.1 connection).
+    Http1,
+    /// Nothing: opaque bytes follow the transport header.
+    None,
+}
+
 /// The server config for the current roots, rebuilt when they change.
 struct ServerCache {
     roots: Arc<RootCertStore>,
@@ -154,12 +165,11 @@ impl MeshTls {
     }
 
     /// A client config that accepts only `expect` as the server, offering
-    /// HTTP/2 (or HTTP/1.1 only, for Upgrade requests: a WebSocket
-    /// handshake needs an HTTP/1.1 connection).
+    /// `alpn`.
     pub fn client_config(
         &self,
         expect: String,
-        http1: bool,
+        alpn: Alpn,
     ) -> Result<Arc<ClientConfig>, io::Error> {
         let roots = self
             .store
@@ -176,11 +186,11 @@ impl MeshTls {
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(verifier))
             .with_client_cert_resolver(self.store.clone());
-        cfg.alpn_protocols = vec![if http1 {
-            b"http/1.1".to_vec()
-        } else {
-            b"h2".to_vec()
-        }];
+        cfg.alpn_protocols = match alpn {
+            Alpn::H2 => vec![b"h2".to_vec()],
+            Alpn::Http1 => vec![b"http/1.1".to_vec()],
+            Alpn::None => vec![],
+        };
         cfg.resumption = rustls::client::Resumption::disabled();
         Ok(Arc::new(cfg))
     }
@@ -191,13 +201,13 @@ impl MeshTls {
         io: TcpStream,
         ip: IpAddr,
         expect: String,
-        http1: bool,
+        alpn: Alpn,
     ) -> Result<client::TlsStream<TcpStream>, io::Error> {
         let result = async {
             if self.store.current().is_none() {
                 return Err(io::Error::other("no workload certificate yet"));
             }
-            let cfg = self.client_config(expect.clone(), http1)?;
+            let cfg = self.client_config(expect.clone(), alpn)?;
             let conn = TlsConnector::from(cfg).connect(ServerName::IpAddress(ip.into()), io);
             tokio::time::timeout(HANDSHAKE_TIMEOUT, conn)
                 .await

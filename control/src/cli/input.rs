@@ -31,7 +31,7 @@ pub fn load(path: &Path) -> Result<Config, Failure> {
 /// diffing nothing is almost always a wrong path.
 pub fn load_nonempty(path: &Path) -> Result<Config, Failure> {
     let cfg = load(path)?;
-    if cfg.services.is_empty() && cfg.http_routes.is_empty() {
+    if remora_proto::resource_count(&cfg) == 0 {
         let name = if path == Path::new("-") {
             STDIN.to_string()
         } else {

@@ -106,6 +106,9 @@ pub fn config_counts(cfg: &Config) -> String {
             "AuthorizationPolicies",
         ));
     }
+    if !cfg.mesh_configs.is_empty() {
+        parts.push(count(cfg.mesh_configs.len(), "MeshConfig", "MeshConfigs"));
+    }
     if parts.is_empty() {
         "no resources".to_string()
     } else {
@@ -138,7 +141,7 @@ pub fn service_summary(s: &Service) -> String {
         .iter()
         .map(|p| {
             let proto = if p.protocol.is_empty() {
-                "http"
+                "auto"
             } else {
                 &p.protocol
             };
