@@ -271,9 +271,18 @@ impl ProxyBuilder {
             .arg("--admin-addr")
             .arg(admin.to_string())
             .arg("--config-poll-interval")
-            .arg("20ms")
-            .arg("--app-addr")
-            .arg(self.app.unwrap_or_else(free_addr).to_string());
+            .arg("20ms");
+        // A proxy in a pod finds its app by the port each connection is
+        // for; elsewhere every inbound connection goes to the one app.
+        match (self.app, &self.pod) {
+            (Some(app), _) => {
+                cmd.arg("--app-addr").arg(app.to_string());
+            }
+            (None, None) => {
+                cmd.arg("--app-addr").arg(free_addr().to_string());
+            }
+            (None, Some(_)) => {}
+        }
         if let Some(c) = &self.config {
             cmd.arg("--config").arg(c);
         }

@@ -10,7 +10,13 @@
 //! - `tcp-banner --banner T --listen ADDR`: server speaks first (`T\r\n`),
 //!   then echoes;
 //! - `connect ADDR --send T [--read-banner]`: a client: writes T, shuts down
-//!   its write side, prints everything it read until EOF to stdout.
+//!   its write side, prints everything it read until EOF to stdout;
+//! - `grpc-call URL --message M`: a gRPC client: one unary call and one
+//!   server stream of 3; prints `unary <message> <server>`, then the
+//!   streamed messages and the stream's trailer;
+//! - `upgrade ADDR --host H --send T`: an HTTP/1.1 Upgrade (as a WebSocket
+//!   handshake), then T through the upgraded connection; prints the status
+//!   line and what came back.
 //!
 //! `--listen` repeats; each server prints `listening on ADDR` to stderr once
 //! bound, then runs until killed.
@@ -72,6 +78,21 @@ enum Mode {
         #[arg(long, default_value_t = 10_000)]
         timeout_ms: u64,
     },
+    /// A gRPC unary call and a server stream.
+    GrpcCall {
+        /// http://host:port
+        url: String,
+        #[arg(long)]
+        message: String,
+    },
+    /// An HTTP/1.1 Upgrade, then bytes through the tunnel.
+    Upgrade {
+        addr: SocketAddr,
+        #[arg(long)]
+        host: String,
+        #[arg(long)]
+        send: String,
+    },
 }
 
 #[derive(Args)]
@@ -107,6 +128,8 @@ async fn main() -> ExitCode {
                 Err(_) => Err(format!("connect {addr}: timed out after {limit:?}")),
             }
         }
+        Mode::GrpcCall { url, message } => within(grpc_call(url, message)).await,
+        Mode::Upgrade { addr, host, send } => within(upgrade(addr, host, send)).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -199,4 +222,85 @@ async fn connect(addr: SocketAddr, send: &str, read_banner: bool) -> std::io::Re
     stream.shutdown().await?;
     stream.read_to_end(&mut got).await?;
     Ok(got)
+}
+
+/// Runs a client step under a 10 s cap, printing what it returns.
+async fn within(
+    f: impl std::future::Future<Output = Result<String, String>>,
+) -> Result<(), String> {
+    match tokio::time::timeout(Duration::from_secs(10), f).await {
+        Ok(Ok(out)) => {
+            print!("{out}");
+            Ok(())
+        }
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err("timed out after 10s".into()),
+    }
+}
+
+async fn grpc_call(url: String, message: String) -> Result<String, String> {
+    use remora_tests::grpc::echo::echo_client::EchoClient;
+    use remora_tests::grpc::echo::{EchoRequest, StreamRequest};
+    let mut client = EchoClient::connect(url.clone())
+        .await
+        .map_err(|e| format!("connect {url}: {e}"))?;
+    let reply = client
+        .unary(EchoRequest {
+            message: message.clone(),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| format!("unary: {e}"))?
+        .into_inner();
+    let mut out = format!("unary {} {}\n", reply.message, reply.server);
+    let mut stream = client
+        .server_stream(StreamRequest {
+            message,
+            count: 3,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| format!("server_stream: {e}"))?
+        .into_inner();
+    while let Some(m) = stream.message().await.map_err(|e| format!("stream: {e}"))? {
+        out.push_str(&format!("stream {}\n", m.message));
+    }
+    let trailers = stream
+        .trailers()
+        .await
+        .map_err(|e| format!("trailers: {e}"))?
+        .unwrap_or_default();
+    let tag = trailers
+        .get("x-echo-trailer")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-");
+    out.push_str(&format!("trailer {tag}\n"));
+    Ok(out)
+}
+
+async fn upgrade(addr: SocketAddr, host: String, send: String) -> Result<String, String> {
+    let err = |e: std::io::Error| e.to_string();
+    let mut s = TcpStream::connect(addr).await.map_err(err)?;
+    let req = format!(
+        "GET /chat HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.map_err(err)?;
+    // The response head, byte by byte up to the blank line.
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut byte).await.map_err(err)? == 0 {
+            return Err(format!("closed after {:?}", String::from_utf8_lossy(&head)));
+        }
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let status = head.lines().next().unwrap_or("").to_string();
+    if !status.contains(" 101 ") {
+        return Ok(format!("{status}\n"));
+    }
+    s.write_all(send.as_bytes()).await.map_err(err)?;
+    let mut back = vec![0u8; send.len()];
+    s.read_exact(&mut back).await.map_err(err)?;
+    Ok(format!("{status}\n{}", String::from_utf8_lossy(&back)))
 }
