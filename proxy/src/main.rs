@@ -145,6 +145,11 @@ struct Args {
     /// Admin listener: /live /ready /metrics /config /shutdown.
     #[arg(long, env = "REMORA_ADMIN_ADDR", default_value = "0.0.0.0:4191")]
     admin_addr: SocketAddr,
+    /// The app's kubelet probes, answered on the admin port under
+    /// /app-health/: JSON from path to {"httpGet": {...}} or {"tcpSocket":
+    /// {...}} (`remoractl inject` writes it).
+    #[arg(long, env = "REMORA_APP_PROBES")]
+    app_probes: Option<String>,
     /// Namespace this proxy runs in; short Service names resolve in it.
     #[arg(long, env = "REMORA_NAMESPACE", default_value = "default")]
     namespace: String,
@@ -336,6 +341,10 @@ fn run(args: Args) -> Result<()> {
             args.app_protocol
         );
     };
+    let app_probes = match &args.app_probes {
+        Some(json) => admin::AppProbes::parse(json).context("--app-probes (REMORA_APP_PROBES)")?,
+        None => admin::AppProbes::default(),
+    };
     let metrics = Metrics::new();
     // With an identity, mTLS between proxies: one certificate store, fed by
     // the identity task, read by every handshake.
@@ -464,6 +473,7 @@ fn run(args: Args) -> Result<()> {
             proxy: proxy.clone(),
             ready: ready.clone(),
             shutdown: shutdown_tx.clone(),
+            app_probes,
         },
     )?;
 

@@ -95,6 +95,15 @@ pub struct AuthzLabels {
     pub result: &'static str,
 }
 
+/// One of the app's kubelet probes answered on the admin port.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AppProbeLabels {
+    /// The probe's path, /app-health/<container>/<readyz|livez|startupz>.
+    pub probe: String,
+    /// pass, fail, timeout, error, or overloaded.
+    pub result: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
     pub direction: &'static str,
@@ -134,6 +143,7 @@ pub struct Metrics {
     pub tls_handshakes: Family<HandshakeLabels, Counter>,
     pub plaintext_refused: Counter,
     pub authz_decisions: Family<AuthzLabels, Counter>,
+    pub app_probes: Family<AppProbeLabels, Counter>,
 }
 
 impl Metrics {
@@ -278,6 +288,12 @@ impl Metrics {
             "AuthorizationPolicy decisions on inbound requests, by target and result (allowed, denied)",
             authz_decisions.clone(),
         );
+        let app_probes = Family::default();
+        registry.register(
+            "app_probes",
+            "The app's kubelet probes answered on the admin port (/app-health/...), by probe path and result (pass, fail, timeout, error, overloaded)",
+            app_probes.clone(),
+        );
         Arc::new(Metrics {
             registry,
             requests,
@@ -303,6 +319,7 @@ impl Metrics {
             tls_handshakes,
             plaintext_refused,
             authz_decisions,
+            app_probes,
         })
     }
 
@@ -373,6 +390,15 @@ impl Metrics {
     pub fn detected(&self, listener: &'static str, result: &'static str) {
         self.protocol_detections
             .get_or_create(&DetectLabels { listener, result })
+            .inc();
+    }
+
+    pub fn app_probe(&self, probe: &str, result: &'static str) {
+        self.app_probes
+            .get_or_create(&AppProbeLabels {
+                probe: probe.to_string(),
+                result,
+            })
             .inc();
     }
 

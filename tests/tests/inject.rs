@@ -1,9 +1,11 @@
 //! `remoractl inject` as users run it: the real binary on the example
 //! workloads in examples/kubernetes/. The output has the interception init
-//! container and the native sidecar with the right environment, other
-//! documents come through byte for byte, a second run changes nothing, and
-//! (when kubernetes-validate is installed) the output and
-//! deploy/kubernetes/*.yaml are valid Kubernetes 1.33 objects.
+//! container and the native sidecar with the right environment (and no
+//! app address: the sidecar serves every port of the pod), the app's HTTP
+//! and TCP probes ask the sidecar's admin port, other documents come
+//! through byte for byte, a second run changes nothing, and (when
+//! kubernetes-validate is installed) the output and deploy/kubernetes/*.yaml
+//! are valid Kubernetes 1.33 objects.
 
 use remora_tests::{binary, workspace_root, TempDir};
 use std::io::Write;
@@ -276,6 +278,14 @@ fn check_injected(doc: &str, service: &str, skip: &[&str]) {
     ] {
         assert_eq!(env_var(&rp, var), want, "{var}");
     }
+    // Nothing pins the app's address or protocol: with interception the
+    // sidecar serves whichever port each connection was for.
+    for pinned in ["REMORA_APP_ADDR", "REMORA_APP_PROTOCOL"] {
+        assert!(
+            !rp.iter().any(|l| l.contains(pinned)),
+            "remora-proxy has {pinned}: {rp:#?}"
+        );
+    }
 
     // Its volumes: the projected token, the CA, in-memory state, /run.
     let volumes = list_items(doc, "volumes");
@@ -356,6 +366,121 @@ fn injecting_twice_is_byte_identical() {
             );
         }
     }
+}
+
+/// A Deployment whose app is probed over HTTP (on a named port), over TCP,
+/// and over HTTPS.
+const PROBED: &str = "\
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+spec:
+  selector:
+    matchLabels: {app: web}
+  template:
+    metadata:
+      labels: {app: web}
+    spec:
+      containers:
+      - name: app
+        image: web:1
+        ports:
+        - name: http
+          containerPort: 8080
+        readinessProbe:
+          httpGet:
+            path: /ready
+            port: http
+          periodSeconds: 5
+        livenessProbe:
+          tcpSocket:
+            port: 8080
+          failureThreshold: 6
+        startupProbe:
+          httpGet:
+            path: /started
+            port: 8443
+            scheme: HTTPS
+";
+
+#[test]
+fn app_probes_are_rewritten_to_ask_the_sidecar() {
+    let out = remoractl_inject(&["-f", "-"], PROBED.as_bytes());
+    assert!(out.status.success(), "{out:?}");
+    let yaml = String::from_utf8(out.stdout).unwrap();
+    let notes = String::from_utf8(out.stderr).unwrap();
+    let app = item(&list_items(&yaml, "containers"), "app").join("\n");
+    let probe = |field: &str| -> Vec<String> {
+        let start = app
+            .lines()
+            .position(|l| l.trim() == format!("{field}:"))
+            .unwrap_or_else(|| panic!("no {field}: {app}"));
+        app.lines()
+            .skip(start + 1)
+            .take_while(|l| indent_of(l) > 8)
+            .map(|l| l.trim().to_string())
+            .collect()
+    };
+    assert_eq!(
+        probe("readinessProbe"),
+        [
+            "httpGet:",
+            "path: /app-health/app/readyz",
+            "port: 4191",
+            "periodSeconds: 5"
+        ]
+    );
+    assert_eq!(
+        probe("livenessProbe"),
+        [
+            "httpGet:",
+            "path: /app-health/app/livez",
+            "port: 4191",
+            "failureThreshold: 6"
+        ]
+    );
+    // HTTPS is left to the kubelet, and inject says so.
+    assert_eq!(
+        probe("startupProbe"),
+        ["httpGet:", "path: /started", "port: 8443", "scheme: HTTPS"]
+    );
+    assert!(
+        notes.contains("Deployment web: container app: startupProbe left as is: HTTPS probes are not rewritten"),
+        "{notes}"
+    );
+
+    // The sidecar is told what they were, the named port resolved.
+    let rp = item(&list_items(&yaml, "initContainers"), "remora-proxy");
+    let at = rp
+        .iter()
+        .position(|l| l.trim() == "- name: REMORA_APP_PROBES")
+        .unwrap_or_else(|| panic!("no REMORA_APP_PROBES: {rp:#?}"));
+    let block: Vec<&str> = rp[at + 1..].iter().take(5).map(|l| l.trim()).collect();
+    assert_eq!(
+        block,
+        [
+            "value: |-",
+            "{",
+            r#""/app-health/app/livez": {"tcpSocket":{"port":8080},"timeoutSeconds":1},"#,
+            r#""/app-health/app/readyz": {"httpGet":{"path":"/ready","port":8080,"scheme":"HTTP"},"timeoutSeconds":1}"#,
+            "}",
+        ]
+    );
+
+    // Once more: byte for byte the same.
+    let again = remoractl_inject(&["-f", "-"], yaml.as_bytes());
+    assert_eq!(String::from_utf8(again.stdout).unwrap(), yaml);
+
+    // The annotation turns it off.
+    let off = PROBED.replace(
+        "      labels: {app: web}\n",
+        "      labels: {app: web}\n      annotations: {remora.dev/rewrite-app-probes: \"false\"}\n",
+    );
+    let out = remoractl_inject(&["-f", "-"], off.as_bytes());
+    let yaml = String::from_utf8(out.stdout).unwrap();
+    assert!(!yaml.contains("/app-health/"), "{yaml}");
+    assert!(!yaml.contains("REMORA_APP_PROBES"), "{yaml}");
 }
 
 #[test]

@@ -9,6 +9,13 @@
 //!   before the app containers, which wait for its startup probe (config and
 //!   first workload certificate), runs beside them, and stops after them.
 //!
+//! The sidecar is not told where the app listens: it serves whatever port
+//! each intercepted connection was for. The kubelet's HTTP and TCP probes
+//! of the app would be intercepted too (and refused by a Strict Service, as
+//! plaintext from outside the mesh), so they are rewritten to ask the
+//! sidecar's admin port (`/app-health/<container>/<kind>`), and the sidecar
+//! is told what each one was (REMORA_APP_PROBES), as Istio does.
+//!
 //! Documents are read as `yaml_serde::Value`, so unknown fields and key
 //! order survive. A document that is not changed (another kind, already
 //! injected, disabled, refused) is written back byte for byte, comments
@@ -17,6 +24,8 @@
 //! that kubectl's YAML 1.1 reader would take for something else.
 
 use super::Failure;
+use serde_json::json;
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use yaml_serde::{Mapping, Value};
@@ -60,6 +69,18 @@ const ANN_SERVICE: &str = "remora.dev/service";
 const ANN_SKIP_INBOUND_PORTS: &str = "remora.dev/skip-inbound-ports";
 const ANN_SKIP_OUTBOUND_PORTS: &str = "remora.dev/skip-outbound-ports";
 const ANN_SKIP_OUTBOUND_CIDRS: &str = "remora.dev/skip-outbound-cidrs";
+const ANN_REWRITE_APP_PROBES: &str = "remora.dev/rewrite-app-probes";
+
+/// The app's probes, as the sidecar's admin server answers them: the
+/// kubelet asks for `/app-health/<container>/<suffix>` on the admin port.
+const APP_HEALTH: &str = "/app-health/";
+const APP_PROBES: [(&str, &str); 3] = [
+    ("readinessProbe", "readyz"),
+    ("livenessProbe", "livez"),
+    ("startupProbe", "startupz"),
+];
+/// The kubelet's probe timeout when a probe sets none.
+const PROBE_TIMEOUT_SECONDS: u64 = 1;
 
 /// What the injected containers run and talk to.
 #[derive(Clone, Debug)]
@@ -253,6 +274,8 @@ fn leading_comments(chunk: &str) -> String {
 enum Verdict {
     Injected {
         service: String,
+        /// What was left as it was, and why (probes inject did not move).
+        notes: Vec<String>,
     },
     AlreadyInjected,
     /// Not injected, and why.
@@ -312,8 +335,12 @@ fn visit(doc: &mut Value, opts: &Options, notes: &mut Vec<String>) -> bool {
     };
     let what = format!("{kind} {name}");
     match verdict {
-        Verdict::Injected { service } => {
+        Verdict::Injected {
+            service,
+            notes: pod_notes,
+        } => {
             notes.push(format!("{what}: injected (Service {service})"));
+            notes.extend(pod_notes.into_iter().map(|n| format!("{what}: {n}")));
             true
         }
         Verdict::AlreadyInjected => {
@@ -378,6 +405,15 @@ fn inject_pod(pod: &mut Value, workload: Option<&Value>, opts: &Options) -> Verd
         Ok(skip) => skip,
         Err(why) => return Verdict::Skipped(why),
     };
+    let rewrite_probes = match annotation(ANN_REWRITE_APP_PROBES).as_deref() {
+        None | Some("true") => true,
+        Some("false") => false,
+        Some(other) => {
+            return Verdict::Skipped(format!(
+                "{ANN_REWRITE_APP_PROBES}: {other:?} is neither \"true\" nor \"false\""
+            ))
+        }
+    };
     let service = annotation(ANN_SERVICE)
         .or_else(|| workload.and_then(|m| scalar_at(m, &["name"])))
         .or_else(|| scalar_at(&pod_meta, &["name"]))
@@ -388,10 +424,16 @@ fn inject_pod(pod: &mut Value, workload: Option<&Value>, opts: &Options) -> Verd
             "no Service name: set the {ANN_SERVICE} annotation, a name, or an app label"
         ));
     };
+    let mut notes = Vec::new();
+    let moved = if rewrite_probes {
+        rewrite_app_probes(spec, &skip, &mut notes)
+    } else {
+        MovedProbes::new()
+    };
     let sidecar = Sidecar {
         service,
-        app_port: app_port(spec),
         labels: pod_labels(&pod_meta),
+        app_probes: app_probes_json(&moved),
     };
     let init = init_container(opts, &skip);
     let proxy = proxy_container(opts, &sidecar);
@@ -414,6 +456,7 @@ fn inject_pod(pod: &mut Value, workload: Option<&Value>, opts: &Options) -> Verd
     }
     Verdict::Injected {
         service: sidecar.service,
+        notes,
     }
 }
 
@@ -462,22 +505,6 @@ fn containers(spec: &Mapping) -> impl Iterator<Item = &Value> {
 
 fn has_container(spec: &Mapping, name: &str) -> bool {
     containers(spec).any(|c| c.get("name").and_then(Value::as_str) == Some(name))
-}
-
-/// The port the sidecar forwards inbound traffic to: the first TCP port the
-/// first app container declares.
-fn app_port(spec: &Mapping) -> Option<u64> {
-    let app = spec.get("containers")?.as_sequence()?.first()?;
-    app.get("ports")?
-        .as_sequence()?
-        .iter()
-        .filter(|p| {
-            matches!(
-                p.get("protocol").and_then(Value::as_str),
-                None | Some("TCP")
-            )
-        })
-        .find_map(|p| p.get("containerPort")?.as_u64())
 }
 
 /// The pod's labels as the proxy's instance labels: `k=v,k=v`.
@@ -533,6 +560,19 @@ fn skip_list(
         }
     }
     Ok((!items.is_empty()).then(|| items.join(",")))
+}
+
+impl SkipLists {
+    /// Whether inbound traffic to `port` reaches the app directly.
+    fn skips_inbound(&self, port: u64) -> bool {
+        let Some(list) = &self.inbound_ports else {
+            return false;
+        };
+        list.split(',').any(|item| {
+            let (a, b) = item.split_once('-').unwrap_or((item, item));
+            matches!((a.parse::<u64>(), b.parse::<u64>()), (Ok(a), Ok(b)) if (a..=b).contains(&port))
+        })
+    }
 }
 
 /// A port (1 to 65535) or an inclusive range `a-b`, as `remora-proxy init`
@@ -625,10 +665,10 @@ fn init_container(opts: &Options, skip: &SkipLists) -> Value {
 struct Sidecar {
     /// The mesh Service its instance registers under.
     service: String,
-    /// The app's port (the proxy's default is 8080).
-    app_port: Option<u64>,
     /// The instance's labels, `k=v,k=v`.
     labels: Option<String>,
+    /// The app's probes it answers (REMORA_APP_PROBES), if any were moved.
+    app_probes: Option<String>,
 }
 
 /// `remora-proxy` as a native sidecar: an init container that keeps
@@ -639,9 +679,6 @@ fn proxy_container(opts: &Options, sidecar: &Sidecar) -> Value {
         env_value("REMORA_CONTROL_PLANE_CA", &format!("{CA_DIR}/root.pem")),
         env_value("REMORA_SERVICE", &sidecar.service),
     ];
-    if let Some(port) = sidecar.app_port {
-        env.push(env_value("REMORA_APP_ADDR", &format!("127.0.0.1:{port}")));
-    }
     env.extend([
         env_field("REMORA_NAMESPACE", "metadata.namespace"),
         env_field("REMORA_IDENTITY_NAMESPACE", "metadata.namespace"),
@@ -652,6 +689,9 @@ fn proxy_container(opts: &Options, sidecar: &Sidecar) -> Value {
     ]);
     if let Some(labels) = &sidecar.labels {
         env.push(env_value("REMORA_LABELS", labels));
+    }
+    if let Some(probes) = &sidecar.app_probes {
+        env.push(env_value("REMORA_APP_PROBES", probes));
     }
     env.push(env_value("REMORA_DRAIN_TIMEOUT", DRAIN_TIMEOUT));
     let probe = |path: &str| {
@@ -713,6 +753,231 @@ fn proxy_container(opts: &Options, sidecar: &Sidecar) -> Value {
             ]),
         ),
     ])
+}
+
+// ------------------------------------------------------------ app probes
+
+/// The probes moved to the sidecar: the path the kubelet now asks the
+/// admin port for → what the sidecar does instead, as REMORA_APP_PROBES
+/// spells it.
+type MovedProbes = BTreeMap<String, serde_json::Value>;
+
+/// The longest probe timeout the sidecar takes (REMORA_APP_PROBES'
+/// `timeoutSeconds`); longer ones are cut to it.
+const MAX_PROBE_TIMEOUT_SECONDS: u64 = 3600;
+
+/// Points the HTTP and TCP probes of the app containers (and of the pod's
+/// own native sidecars, which are probed too) at the sidecar's admin port,
+/// and returns what they were. Probes the kubelet does not send through
+/// interception (exec, another host, a skipped port, the sidecar's own
+/// ports) stay as they are; so do those the sidecar does not make for the
+/// kubelet (HTTPS, gRPC) and those it cannot resolve, which are noted.
+fn rewrite_app_probes(
+    spec: &mut Mapping,
+    skip: &SkipLists,
+    notes: &mut Vec<String>,
+) -> MovedProbes {
+    let mut moved = MovedProbes::new();
+    for list in ["initContainers", "containers"] {
+        let Some(Value::Sequence(items)) = spec.get_mut(list) else {
+            continue;
+        };
+        for c in items {
+            let native_sidecar = c.get("restartPolicy").and_then(Value::as_str) == Some("Always");
+            if list == "initContainers" && !native_sidecar {
+                continue;
+            }
+            let Some(name) = c.get("name").and_then(Value::as_str).map(str::to_string) else {
+                continue;
+            };
+            let ports = c.get("ports").cloned().unwrap_or(Value::Null);
+            for (field, suffix) in APP_PROBES {
+                let Some(probe) = c.get_mut(field) else {
+                    continue;
+                };
+                match moved_probe(probe, &ports, skip) {
+                    Ok(was) => {
+                        let path = format!("{APP_HEALTH}{name}/{suffix}");
+                        point_at_admin(probe, &path);
+                        moved.insert(path, was);
+                    }
+                    Err(Some(why)) => {
+                        notes.push(format!("container {name}: {field} left as is: {why}"))
+                    }
+                    Err(None) => {}
+                }
+            }
+        }
+    }
+    moved
+}
+
+/// What `probe` does, as the sidecar's JSON, when the sidecar should make
+/// it for the kubelet; else why not (None: nothing worth saying).
+fn moved_probe(
+    probe: &Value,
+    ports: &Value,
+    skip: &SkipLists,
+) -> Result<serde_json::Value, Option<String>> {
+    // Ports the kubelet reaches without going through the sidecar.
+    let direct = |port: u64| {
+        [INBOUND_PORT, OUTBOUND_PORT, ADMIN_PORT].contains(&port) || skip.skips_inbound(port)
+    };
+    let not_moved = |what: &str, port: u64| {
+        format!(
+            "{what} probes are not rewritten, and port {port} is intercepted; to let the \
+             kubelet reach it directly, list it in {ANN_SKIP_INBOUND_PORTS}"
+        )
+    };
+    if let Some(grpc) = probe.get("grpc") {
+        return match grpc.get("port").and_then(Value::as_u64) {
+            Some(port) if !direct(port) => Err(Some(not_moved("gRPC", port))),
+            _ => Err(None),
+        };
+    }
+    let (http, action) = match (probe.get("httpGet"), probe.get("tcpSocket")) {
+        (Some(action), _) => (true, action),
+        (None, Some(action)) => (false, action),
+        // exec runs in the container: nothing to intercept.
+        (None, None) => return Err(None),
+    };
+    if action
+        .get("host")
+        .and_then(scalar_text)
+        .is_some_and(|h| !h.is_empty())
+    {
+        // The kubelet probes that host, not the pod.
+        return Err(None);
+    }
+    let port = probe_port(action.get("port"), ports).map_err(Some)?;
+    let path = action.get("path").and_then(scalar_text).unwrap_or_default();
+    if http && port == ADMIN_PORT && path.starts_with(APP_HEALTH) {
+        return Err(Some(format!(
+            "it already asks the sidecar for {path} (an earlier inject's rewrite), and \
+             the probe it replaced is not known any more: put the original probe back \
+             and inject again"
+        )));
+    }
+    if direct(port) {
+        return Err(None);
+    }
+    let timeout = probe
+        .get("timeoutSeconds")
+        .and_then(Value::as_u64)
+        .filter(|t| *t > 0)
+        .unwrap_or(PROBE_TIMEOUT_SECONDS)
+        .min(MAX_PROBE_TIMEOUT_SECONDS);
+    if !http {
+        return Ok(json!({"tcpSocket": {"port": port}, "timeoutSeconds": timeout}));
+    }
+    let scheme = action
+        .get("scheme")
+        .and_then(scalar_text)
+        .unwrap_or_else(|| "HTTP".into());
+    if scheme != "HTTP" {
+        return Err(Some(not_moved(&scheme, port)));
+    }
+    let path = http_path(&path).map_err(Some)?;
+    let headers = http_headers(action.get("httpHeaders")).map_err(Some)?;
+    let mut get = json!({"port": port, "path": path, "scheme": "HTTP"});
+    if !headers.is_empty() {
+        get["headers"] = serde_json::Value::Array(headers);
+    }
+    Ok(json!({"httpGet": get, "timeoutSeconds": timeout}))
+}
+
+/// A probe's port as a number: a number, or the name of one of the
+/// container's ports.
+fn probe_port(port: Option<&Value>, ports: &Value) -> Result<u64, String> {
+    let valid = |p: &u64| (1..=65535).contains(p);
+    match port {
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .filter(valid)
+            .ok_or_else(|| format!("its port {n} is not 1-65535")),
+        Some(Value::String(name)) => ports
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .find(|p| p.get("name").and_then(Value::as_str) == Some(name))
+            .and_then(|p| p.get("containerPort")?.as_u64())
+            .filter(valid)
+            .ok_or_else(|| format!("its port {name:?} names none of the container's ports")),
+        _ => Err("it has no port".into()),
+    }
+}
+
+/// The probe's path as the kubelet sends it ("/" when empty), if it needs
+/// no escaping.
+fn http_path(path: &str) -> Result<String, String> {
+    let path = match path {
+        "" => "/".to_string(),
+        p if p.starts_with('/') => p.to_string(),
+        p => format!("/{p}"),
+    };
+    let plain = path
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%".contains(&b));
+    if plain {
+        Ok(path)
+    } else {
+        Err(format!(
+            "its path {path:?} has characters a URL holds only escaped"
+        ))
+    }
+}
+
+/// The probe's `httpHeaders` as `{name, value}` objects.
+fn http_headers(list: Option<&Value>) -> Result<Vec<serde_json::Value>, String> {
+    let mut headers = Vec::new();
+    for h in list.and_then(Value::as_sequence).into_iter().flatten() {
+        let name = h.get("name").and_then(scalar_text).unwrap_or_default();
+        let value = h.get("value").and_then(scalar_text).unwrap_or_default();
+        let token = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+        let text = value
+            .bytes()
+            .all(|b| b == b'\t' || (b' '..=b'~').contains(&b));
+        if !token || !text {
+            return Err(format!("its header {name:?} cannot be sent as written"));
+        }
+        headers.push(json!({"name": name, "value": value}));
+    }
+    Ok(headers)
+}
+
+/// Makes `probe` a GET of `path` on the sidecar's admin port, in place of
+/// its httpGet or tcpSocket; its timing fields stay.
+fn point_at_admin(probe: &mut Value, path: &str) {
+    let Some(m) = probe.as_mapping_mut() else {
+        return;
+    };
+    let get = map([("path", s(path)), ("port", ADMIN_PORT.into())]);
+    for (k, v) in std::mem::take(m) {
+        match k.as_str() {
+            Some("httpGet" | "tcpSocket") => {
+                m.insert(key("httpGet"), get.clone());
+            }
+            _ => {
+                m.insert(k, v);
+            }
+        }
+    }
+}
+
+/// REMORA_APP_PROBES: a JSON object, one probe a line, so that it reads
+/// well as a YAML block.
+fn app_probes_json(moved: &MovedProbes) -> Option<String> {
+    if moved.is_empty() {
+        return None;
+    }
+    let lines: Vec<String> = moved
+        .iter()
+        .map(|(path, was)| format!("  {}: {was}", serde_json::Value::from(path.as_str())))
+        .collect();
+    Some(format!("{{\n{}\n}}", lines.join(",\n")))
 }
 
 fn pod_volumes() -> Vec<Value> {
@@ -1262,7 +1527,24 @@ spec:
         assert_eq!(names(spec.get("containers")), ["app"]);
         let (_, proxy) = init_containers(spec);
         assert_eq!(env(proxy, "REMORA_LABELS")["value"], "app=web,version=v1");
-        assert_eq!(env(proxy, "REMORA_APP_ADDR")["value"], "127.0.0.1:8080");
+        // The proxy finds the app's port from each connection, and its
+        // protocol from the mesh config or the first bytes: pinning either
+        // would break a multi-port app. No probes, nothing for the admin
+        // port to answer.
+        for pinned in [
+            "REMORA_APP_ADDR",
+            "REMORA_APP_PROTOCOL",
+            "REMORA_APP_PROBES",
+        ] {
+            assert!(
+                !proxy["env"]
+                    .as_sequence()
+                    .unwrap()
+                    .iter()
+                    .any(|e| e["name"] == pinned),
+                "{pinned}"
+            );
+        }
         // Key order is kept, and initContainers comes before containers.
         let keys: Vec<_> = spec
             .as_mapping()
@@ -1770,8 +2052,318 @@ spec:
         assert_eq!(v["metadata"]["annotations"]["mode"], "0440");
     }
 
+    /// A Pod whose app probes itself every way the kubelet can.
+    const PROBED: &str = "\
+apiVersion: v1
+kind: Pod
+metadata: {name: web}
+spec:
+  containers:
+  - name: app
+    image: web:1
+    ports: [{name: http, containerPort: 8080}, {name: grpc, containerPort: 9000}]
+    readinessProbe:
+      httpGet:
+        path: /ready
+        port: http
+        httpHeaders: [{name: X-Probe, value: kubelet}]
+      periodSeconds: 5
+      timeoutSeconds: 3
+    livenessProbe:
+      tcpSocket: {port: 8080}
+      initialDelaySeconds: 10
+      failureThreshold: 6
+    startupProbe:
+      httpGet: {port: 8080}
+  - name: extra
+    image: extra:1
+    readinessProbe: {httpGet: {port: 8443, path: /healthz, scheme: HTTPS}}
+    livenessProbe: {grpc: {port: 9000}}
+    startupProbe: {exec: {command: [cat, /tmp/started]}}
+";
+
+    /// The app probes the sidecar was told about (REMORA_APP_PROBES).
+    fn app_probes(proxy: &Value) -> serde_json::Value {
+        let text = env(proxy, "REMORA_APP_PROBES")["value"].as_str().unwrap();
+        serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"))
+    }
+
+    fn probe<'a>(spec: &'a Value, container: &str, field: &str) -> &'a Value {
+        let c = spec["containers"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == container)
+            .unwrap();
+        &c[field]
+    }
+
+    #[test]
+    fn http_and_tcp_probes_of_the_app_move_to_the_admin_port() {
+        let (out, notes) = inject(PROBED);
+        let spec = &docs(&out)[0]["spec"];
+        let want = yaml_serde::from_str::<Value>(
+            "httpGet: {path: /app-health/app/readyz, port: 4191}\nperiodSeconds: 5\ntimeoutSeconds: 3\n",
+        )
+        .unwrap();
+        assert_eq!(probe(spec, "app", "readinessProbe"), &want);
+        // A tcpSocket becomes an httpGet in its place; the timing stays.
+        let want = yaml_serde::from_str::<Value>(
+            "httpGet: {path: /app-health/app/livez, port: 4191}\ninitialDelaySeconds: 10\nfailureThreshold: 6\n",
+        )
+        .unwrap();
+        assert_eq!(probe(spec, "app", "livenessProbe"), &want);
+        assert_eq!(
+            probe(spec, "app", "startupProbe")["httpGet"]["path"],
+            "/app-health/app/startupz"
+        );
+
+        // The sidecar knows what each was, ports resolved to numbers.
+        let (_, proxy) = init_containers(spec);
+        assert_eq!(
+            app_probes(proxy),
+            json!({
+                "/app-health/app/readyz": {
+                    "httpGet": {"port": 8080, "path": "/ready", "scheme": "HTTP",
+                                "headers": [{"name": "X-Probe", "value": "kubelet"}]},
+                    "timeoutSeconds": 3
+                },
+                "/app-health/app/livez": {"tcpSocket": {"port": 8080}, "timeoutSeconds": 1},
+                "/app-health/app/startupz": {
+                    "httpGet": {"port": 8080, "path": "/", "scheme": "HTTP"},
+                    "timeoutSeconds": 1
+                }
+            })
+        );
+        // One probe a line: a readable block in the manifest.
+        assert!(
+            out.contains("      value: |-\n        {\n          \"/app-health/app/livez\": {"),
+            "{out}"
+        );
+
+        // HTTPS, gRPC and exec probes are left alone; the first two would be
+        // intercepted, which the notes say.
+        let original = &docs(PROBED)[0]["spec"];
+        for field in ["readinessProbe", "livenessProbe", "startupProbe"] {
+            assert_eq!(probe(spec, "extra", field), probe(original, "extra", field));
+        }
+        assert_eq!(notes.len(), 3, "{notes:?}");
+        assert!(notes[1].ends_with("Pod web: container extra: readinessProbe left as is: HTTPS probes are not rewritten, and port 8443 is intercepted; to let the kubelet reach it directly, list it in remora.dev/skip-inbound-ports"), "{notes:?}");
+        assert!(
+            notes[2].contains("container extra: livenessProbe left as is: gRPC probes"),
+            "{notes:?}"
+        );
+
+        // Injecting the output again changes nothing.
+        let (again, _) = inject(&out);
+        assert_eq!(again, out);
+    }
+
+    #[test]
+    fn probes_of_native_sidecars_move_too_but_not_of_init_containers() {
+        let text = "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n  initContainers:\n  - {name: migrate, image: m, readinessProbe: {tcpSocket: {port: 5432}}}\n  - {name: logs, image: l, restartPolicy: Always, livenessProbe: {tcpSocket: {port: 9880}}}\n  containers: [{name: app, image: a}]\n";
+        let (out, _) = inject(text);
+        let spec = &docs(&out)[0]["spec"];
+        let init = spec["initContainers"].as_sequence().unwrap();
+        assert_eq!(init[2]["readinessProbe"]["tcpSocket"]["port"], 5432);
+        assert_eq!(
+            init[3]["livenessProbe"]["httpGet"]["path"],
+            "/app-health/logs/livez"
+        );
+        assert_eq!(
+            app_probes(&init[1]),
+            json!({"/app-health/logs/livez": {"tcpSocket": {"port": 9880}, "timeoutSeconds": 1}})
+        );
+    }
+
+    #[test]
+    fn probes_that_bypass_interception_or_cannot_be_resolved_stay() {
+        let text = "\
+apiVersion: v1
+kind: Pod
+metadata:
+  name: p
+  annotations: {remora.dev/skip-inbound-ports: \"9000-9100\"}
+spec:
+  containers:
+  - name: app
+    image: a
+    ports: [{name: http, containerPort: 8080}]
+    readinessProbe: {httpGet: {port: 9090, path: /ready}}
+    livenessProbe: {httpGet: {port: metrics}}
+    startupProbe: {tcpSocket: {port: 8080, host: 10.0.0.9}}
+  - name: odd
+    image: o
+    readinessProbe: {httpGet: {port: 8080, path: /a b}}
+    livenessProbe: {httpGet: {port: 8080, httpHeaders: [{name: \"bad name\", value: x}]}}
+";
+        let (out, notes) = inject(text);
+        let spec = &docs(&out)[0]["spec"];
+        let original = &docs(text)[0]["spec"];
+        for (c, field) in [
+            ("app", "readinessProbe"),
+            ("app", "livenessProbe"),
+            ("app", "startupProbe"),
+            ("odd", "readinessProbe"),
+            ("odd", "livenessProbe"),
+        ] {
+            assert_eq!(
+                probe(spec, c, field),
+                probe(original, c, field),
+                "{c} {field}"
+            );
+        }
+        let (_, proxy) = init_containers(spec);
+        assert!(!proxy["env"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == "REMORA_APP_PROBES"));
+        // A skipped port and another host say nothing; the others do.
+        assert_eq!(notes.len(), 4, "{notes:?}");
+        assert!(
+            notes[1].ends_with(
+                "container app: livenessProbe left as is: its port \"metrics\" names none of the container's ports"
+            ),
+            "{notes:?}"
+        );
+        assert!(
+            notes[2].contains("odd: readinessProbe left as is: its path \"/a b\""),
+            "{notes:?}"
+        );
+        assert!(
+            notes[3].contains("odd: livenessProbe left as is: its header \"bad name\""),
+            "{notes:?}"
+        );
+    }
+
+    #[test]
+    fn a_probe_rewritten_before_is_recognised_and_not_moved_again() {
+        let (out, _) = inject(PROBED);
+        // The sidecar taken out by hand, the rewritten probes kept.
+        let mut doc = docs(&out).remove(0);
+        let spec = doc["spec"].as_mapping_mut().unwrap();
+        spec.remove("initContainers");
+        spec.remove("volumes");
+        let text = to_yaml(&doc).unwrap();
+        let (again, notes) = inject(&text);
+        let spec = &docs(&again)[0]["spec"];
+        assert_eq!(
+            probe(spec, "app", "readinessProbe")["httpGet"]["path"],
+            "/app-health/app/readyz"
+        );
+        assert!(!init_containers(spec).1["env"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == "REMORA_APP_PROBES"));
+        assert!(
+            notes[1].contains("container app: readinessProbe left as is: it already asks the sidecar for /app-health/app/readyz"),
+            "{notes:?}"
+        );
+    }
+
+    #[test]
+    fn rewrite_app_probes_annotation_turns_it_off() {
+        let off = PROBED.replace(
+            "metadata: {name: web}\n",
+            "metadata:\n  name: web\n  annotations: {remora.dev/rewrite-app-probes: \"false\"}\n",
+        );
+        let (out, notes) = inject(&off);
+        let spec = &docs(&out)[0]["spec"];
+        let original = &docs(&off)[0]["spec"];
+        assert_eq!(spec["containers"], original["containers"]);
+        assert!(!init_containers(spec).1["env"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == "REMORA_APP_PROBES"));
+        assert_eq!(notes.len(), 1, "{notes:?}");
+
+        let on = off.replace("\"false\"", "\"true\"");
+        let (out, _) = inject(&on);
+        let spec = &docs(&out)[0]["spec"];
+        assert_eq!(probe(spec, "app", "livenessProbe")["httpGet"]["port"], 4191);
+
+        let typo = off.replace("\"false\"", "\"no\"");
+        let (out, notes) = inject(&typo);
+        assert_eq!(out, typo);
+        assert!(
+            notes[0].contains(
+                "remora.dev/rewrite-app-probes: \"no\" is neither \"true\" nor \"false\""
+            ),
+            "{notes:?}"
+        );
+    }
+
+    #[test]
+    fn skip_lists_know_their_ports() {
+        let skip = SkipLists {
+            inbound_ports: Some("22,9000-9010".into()),
+            ..SkipLists::default()
+        };
+        for (port, skipped) in [
+            (22, true),
+            (9000, true),
+            (9005, true),
+            (9010, true),
+            (23, false),
+            (9011, false),
+        ] {
+            assert_eq!(skip.skips_inbound(port), skipped, "{port}");
+        }
+        assert!(!SkipLists::default().skips_inbound(22));
+    }
+
+    /// The example's app probes back as they were before inject: each
+    /// probe REMORA_APP_PROBES lists is made from its entry again.
+    fn restore_app_probes(spec: &mut Mapping) {
+        let proxy = spec["initContainers"]
+            .as_sequence()
+            .and_then(|l| l.iter().find(|c| c["name"] == PROXY))
+            .expect("remora-proxy in the example");
+        let moved = app_probes(proxy);
+        let moved = moved.as_object().unwrap();
+        let Some(Value::Sequence(containers)) = spec.get_mut("containers") else {
+            panic!("containers in the example");
+        };
+        for c in containers {
+            for (field, _) in APP_PROBES {
+                let Some(probe) = c.get_mut(field).and_then(Value::as_mapping_mut) else {
+                    continue;
+                };
+                let path = probe["httpGet"]["path"].as_str().unwrap_or_default();
+                let Some(was) = moved.get(path) else {
+                    continue;
+                };
+                let (kind, action) = was
+                    .as_object()
+                    .unwrap()
+                    .iter()
+                    .find(|(k, _)| *k != "timeoutSeconds")
+                    .unwrap();
+                let mut action: Value = yaml_serde::to_value(action).unwrap();
+                if let Some(a) = action.as_mapping_mut() {
+                    a.remove("scheme");
+                    if let Some(h) = a.remove("headers") {
+                        a.insert(key("httpHeaders"), h);
+                    }
+                }
+                let old = std::mem::take(probe);
+                for (k, v) in old {
+                    if k == "httpGet" {
+                        probe.insert(key(kind), action.clone());
+                    } else {
+                        probe.insert(k, v);
+                    }
+                }
+            }
+        }
+    }
+
     /// deploy/kubernetes/sidecar-example.yaml shows what inject writes: its
-    /// Deployment, with the Remora parts taken out, injects back into it.
+    /// Deployment, with the Remora parts taken out and the app's probes as
+    /// they were, injects back into it.
     #[test]
     fn sidecar_example_is_what_inject_writes() {
         let text = include_str!("../../../deploy/kubernetes/sidecar-example.yaml");
@@ -1782,6 +2374,7 @@ spec:
             .expect("a Deployment in sidecar-example.yaml");
         let mut plain = example.clone();
         let spec = plain["spec"]["template"]["spec"].as_mapping_mut().unwrap();
+        restore_app_probes(spec);
         for list in ["initContainers", "volumes"] {
             if let Some(Value::Sequence(items)) = spec.get_mut(list) {
                 items.retain(|c| {
