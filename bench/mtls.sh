@@ -19,7 +19,7 @@
 #           concurrent request): h2c vs mtls isolates the cost of TLS itself.
 #
 # Every meshed variant runs the same setup: a fresh remora-control (the CA:
-# --bootstrap-token-file, --trust-domain mesh.bench) with the Services `api`
+# --bootstrap-tokens, one token per identity, --trust-domain mesh.bench) with the Services `api`
 # (port 80, its instance registered by the api sidecar) and `web` (calls: [api]),
 # and two remora-proxy sidecars with certificates from it; only the api
 # Service's mtls mode (and, for h2c, its port protocol) differs. oha sends
@@ -295,7 +295,10 @@ wait_http "http://127.0.0.1:$UPSTREAM_PORT/" "$UPSTREAM_PID" "upstream nginx" ok
 
 # ------------------------------------------------------------ the mesh
 
-head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$TMP/token"
+# One bootstrap token per identity; the control plane keeps their hashes.
+for sa in api web; do
+    "$BIN/remoractl" token "default/$sa" --tokens-file "$TMP/tokens" >"$TMP/$sa.token" 2>/dev/null
+done
 WEB_PID=
 API_PID=
 
@@ -306,7 +309,7 @@ start_mesh() { # start_mesh rep variant: control plane, config, both sidecars
     [[ $v != h2c ]] || proto=", protocol: http2"
     spawn "r$rep-$v-control" env RUST_LOG=info "${PRIO[@]}" taskset -c "$LOADGEN_CPU" \
         "$BIN/remora-control" --listen "127.0.0.1:$CONTROL_PORT" --data-dir "$dir/data" \
-        --bootstrap-token-file "$TMP/token" --trust-domain mesh.bench --cert-lifetime 1h
+        --bootstrap-tokens "$TMP/tokens" --trust-domain mesh.bench --cert-lifetime 1h
     local cp=$LAST_PID end=$((SECONDS + READY_TIMEOUT))
     until "$BIN/remoractl" --server "http://127.0.0.1:$CONTROL_PORT" status >/dev/null 2>&1; do
         alive "$cp" || die "remora-control exited (see $OUT_DIR/logs/r$rep-$v-control.log)"
@@ -327,15 +330,18 @@ spec:
 EOF
     "$BIN/remoractl" --server "http://127.0.0.1:$CONTROL_PORT" apply -f "$dir/mesh.yaml" --author mtls-bench \
         >>"$OUT_DIR/logs/r$rep-$v-control.log" 2>&1 || die "remoractl apply failed"
-    local common=(--control-plane "http://127.0.0.1:$CONTROL_PORT" --bootstrap-token-file "$TMP/token"
+    # Plaintext to the control plane on loopback: a local benchmark, said so.
+    local common=(--control-plane "http://127.0.0.1:$CONTROL_PORT" --insecure-dev-plaintext
         --workers "$WORKERS" --control-plane-max-backoff 300ms)
     spawn "r$rep-$v-api" env RUST_LOG=warn "${PRIO[@]}" taskset -c "$API_CPU" "$BIN/remora-proxy" \
         "${common[@]}" --node-id api-1 --service api --state-dir "$dir/state-api" \
+        --bootstrap-token-file "$TMP/api.token" \
         --inbound-addr "127.0.0.1:$API_IN_PORT" --app-addr "127.0.0.1:$UPSTREAM_PORT" \
         --outbound-addr off --admin-addr "127.0.0.1:$API_ADMIN_PORT"
     API_PID=$LAST_PID
     spawn "r$rep-$v-web" env RUST_LOG=warn "${PRIO[@]}" taskset -c "$WEB_CPU" "$BIN/remora-proxy" \
         "${common[@]}" --node-id web-1 --service web --state-dir "$dir/state-web" \
+        --bootstrap-token-file "$TMP/web.token" \
         --inbound-addr off --outbound-addr "127.0.0.1:$WEB_OUT_PORT" --admin-addr "127.0.0.1:$WEB_ADMIN_PORT"
     WEB_PID=$LAST_PID
     wait_http "http://127.0.0.1:$API_ADMIN_PORT/ready" "$API_PID" "api sidecar"

@@ -9,7 +9,8 @@
 # The config is pushed with remoractl; every sidecar receives it over its
 # Discovery stream, and the api instances register their own endpoints.
 # The control plane is also the mesh's CA: each sidecar gets a workload
-# certificate (bootstrap token in a file), so traffic goes web's sidecar
+# certificate (with a bootstrap token for its identity only, over the
+# control plane's TLS), so traffic goes web's sidecar
 # -mTLS-> api-vN's sidecar -> api-vN app, and plaintext to an api sidecar
 # is refused. Then the api route's weights change (100/0 -> 50/50 -> 0/100)
 # and the shift shows.
@@ -45,13 +46,19 @@ wait_ready() {
     sleep 0.1
   done
 }
-ctl() { "$BIN/remoractl" --server "http://$CP" "$@"; }
+ctl() { "$BIN/remoractl" --server "https://$CP" --ca-file "$work/data/ca/root.pem" "$@"; }
 
-echo "== control plane (and CA)"
-mkdir -p "$work/secrets"
-head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$work/secrets/token"
-"$BIN/remora-control" --listen "$CP" --data-dir "$work/data" \
-  --bootstrap-token-file "$work/secrets/token" & pids+=($!)
+echo "== bootstrap tokens: one per identity (the control plane keeps their hashes)"
+mkdir -p "$work/secrets" && chmod 700 "$work/secrets"
+for sa in web api-v1 api-v2; do
+  "$BIN/remoractl" token "default/$sa" --tokens-file "$work/secrets/tokens" \
+    > "$work/secrets/$sa.token" 2>/dev/null
+done
+echo "   $(grep -c sha256 "$work/secrets/tokens") tokens; each gets a certificate for its own identity only"
+
+echo "== control plane (and CA), over TLS"
+"$BIN/remora-control" --listen "$CP" --data-dir "$work/data" --tls \
+  --bootstrap-tokens "$work/secrets/tokens" & pids+=($!)
 deadline=$((SECONDS + 20))
 until ctl status >/dev/null 2>&1; do
   (( SECONDS < deadline )) || { echo "control plane did not start"; exit 1; }
@@ -66,9 +73,10 @@ echo "== apps and sidecars"
 "$BIN/remora-demo" --addr 127.0.0.1:19081 --name api-v1 & pids+=($!)
 "$BIN/remora-demo" --addr 127.0.0.1:19082 --name api-v2 & pids+=($!)
 sidecar() { # name service inbound app admin outbound
-  "$BIN/remora-proxy" --control-plane "http://$CP" --node-id "$1" --service "$2" \
+  "$BIN/remora-proxy" --control-plane "https://$CP" --control-plane-ca "$work/data/ca/root.pem" \
+    --node-id "$1" --service "$2" \
     --inbound-addr "$3" --app-addr "$4" --admin-addr "$5" --outbound-addr "$6" \
-    --state-dir "$work/state/$1" --bootstrap-token-file "$work/secrets/token" & pids+=($!)
+    --state-dir "$work/state/$1" --bootstrap-token-file "$work/secrets/$2.token" & pids+=($!)
 }
 sidecar web-1    web    127.0.0.1:4143 127.0.0.1:19080 127.0.0.1:4191 127.0.0.1:4140
 sidecar api-v1-1 api-v1 127.0.0.1:4243 127.0.0.1:19081 127.0.0.1:4291 off

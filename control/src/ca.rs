@@ -128,13 +128,27 @@ impl Ca {
     pub fn open_or_create(dir: &Path, settings: Settings) -> Result<Ca, CaError> {
         settings.check()?;
         let (cert_path, key_path) = (dir.join(ROOT_FILE), dir.join(ROOT_KEY_FILE));
+        // Half a CA is damage, not a first start: a fresh root would
+        // silently split the mesh (every proxy's certificate stops
+        // verifying), so the operator decides.
+        match (cert_path.exists(), key_path.exists()) {
+            (true, false) | (false, true) => {
+                let (present, missing) = if cert_path.exists() {
+                    (&cert_path, &key_path)
+                } else {
+                    (&key_path, &cert_path)
+                };
+                return Err(CaError::Config(format!(
+                    "{} is there but {} is missing: the CA is incomplete. Restore the missing file (a backup of the data directory), or remove {} to start a new CA (every workload certificate of the old one stops verifying)",
+                    present.display(),
+                    missing.display(),
+                    present.display()
+                )));
+            }
+            _ => {}
+        }
         if !cert_path.exists() {
-            create_dir_private(dir).map_err(|e| io(dir, e))?;
-            let (cert_pem, key_pem) = generate_root()?;
-            write_atomic(dir, ROOT_KEY_FILE, key_pem.as_bytes(), 0o600)
-                .map_err(|e| io(&key_path, e))?;
-            write_atomic(dir, ROOT_FILE, cert_pem.as_bytes(), 0o644)
-                .map_err(|e| io(&cert_path, e))?;
+            create_new_root(dir)?;
             info!(path = %cert_path.display(), "generated the root CA");
         }
         warn_if_readable_by_others(&key_path);
@@ -184,10 +198,7 @@ impl Ca {
         // Parsing checks the CSR's signature: the caller holds the key.
         let csr = CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| IssueError::Csr(e.to_string()))?;
-        let spiffe_id = format!(
-            "spiffe://{}/ns/{namespace}/sa/{service_account}",
-            self.settings.trust_domain
-        );
+        let spiffe_id = self.spiffe_id(namespace, service_account);
 
         let now = unix_now();
         let lifetime = i64::try_from(self.settings.lifetime.as_secs()).unwrap_or(i64::MAX);
@@ -291,6 +302,14 @@ impl Ca {
 
     pub fn settings(&self) -> &Settings {
         &self.settings
+    }
+
+    /// The SPIFFE ID this CA gives `namespace`/`service_account`.
+    pub fn spiffe_id(&self, namespace: &str, service_account: &str) -> String {
+        format!(
+            "spiffe://{}/ns/{namespace}/sa/{service_account}",
+            self.settings.trust_domain
+        )
     }
 }
 
@@ -506,6 +525,30 @@ fn invalid(path: &Path, message: impl ToString) -> CaError {
     }
 }
 
+/// Generates a root into `dir` all at once: both files are written in a
+/// staging directory that then takes `dir`'s place, so a crash leaves
+/// either no CA (and the next start makes one) or a whole one.
+fn create_new_root(dir: &Path) -> Result<(), CaError> {
+    let staging = dir.with_extension("new");
+    let _ = std::fs::remove_dir_all(&staging);
+    create_dir_private(&staging).map_err(|e| io(&staging, e))?;
+    let (cert_pem, key_pem) = generate_root()?;
+    write_atomic(&staging, ROOT_KEY_FILE, key_pem.as_bytes(), 0o600)
+        .map_err(|e| io(&staging, e))?;
+    write_atomic(&staging, ROOT_FILE, cert_pem.as_bytes(), 0o644).map_err(|e| io(&staging, e))?;
+    // An empty directory (made by hand, or a mount point) gives way.
+    if dir.exists() {
+        std::fs::remove_dir(dir).map_err(|e| io(dir, e))?;
+    }
+    std::fs::rename(&staging, dir).map_err(|e| io(dir, e))?;
+    if let Some(parent) = dir.parent() {
+        std::fs::File::open(parent)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| io(parent, e))?;
+    }
+    Ok(())
+}
+
 fn create_dir_private(dir: &Path) -> std::io::Result<()> {
     let mut b = std::fs::DirBuilder::new();
     b.recursive(true);
@@ -600,6 +643,29 @@ mod tests {
     }
 
     #[test]
+    fn half_a_ca_is_an_error_never_a_new_root() {
+        let dir = temp("half");
+        let first = Ca::open_or_create(&dir, settings(3600)).unwrap();
+        let root = std::fs::read(dir.join(ROOT_FILE)).unwrap();
+        drop(first);
+        for (gone, kept) in [(ROOT_FILE, ROOT_KEY_FILE), (ROOT_KEY_FILE, ROOT_FILE)] {
+            let saved = std::fs::read(dir.join(gone)).unwrap();
+            std::fs::remove_file(dir.join(gone)).unwrap();
+            let err = Ca::open_or_create(&dir, settings(3600))
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(err.contains(gone) && err.contains(kept), "{err}");
+            assert!(err.contains("is missing"), "{err}");
+            assert!(!dir.join(gone).exists(), "nothing was generated");
+            std::fs::write(dir.join(gone), saved).unwrap();
+        }
+        Ca::open_or_create(&dir, settings(3600)).unwrap();
+        assert_eq!(std::fs::read(dir.join(ROOT_FILE)).unwrap(), root);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn leaf_has_only_the_spiffe_id_and_the_requested_lifetime() {
         let dir = temp("leaf");
         let ca = Ca::open_or_create(&dir, settings(3600)).unwrap();
@@ -676,11 +742,17 @@ mod tests {
         let (_, root) = X509Certificate::from_der(root_der).unwrap();
         leaf.verify_signature(Some(root.public_key())).unwrap();
 
-        // Without root.pem (a crash before it was written) a new root is made.
-        std::fs::remove_file(dir.join(ROOT_FILE)).unwrap();
-        let fresh = Ca::open_or_create(&dir, settings(60)).unwrap();
+        // A staging directory left by a crash during a first start is
+        // not a CA: the next start makes one in its place.
+        let fresh_dir = temp("persist-staging");
+        let ca_dir = fresh_dir.join("ca");
+        std::fs::create_dir_all(ca_dir.with_extension("new")).unwrap();
+        std::fs::write(ca_dir.with_extension("new").join(ROOT_KEY_FILE), "junk").unwrap();
+        let fresh = Ca::open_or_create(&ca_dir, settings(60)).unwrap();
         assert_ne!(fresh.trust_bundle_pem(), first.trust_bundle_pem());
+        assert!(!ca_dir.with_extension("new").exists());
         let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(&fresh_dir);
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! The gRPC services: Discovery (one stream per proxy) and Admin (what
 //! remoractl calls). Thin: the state and its rules live in `mesh.rs`.
 
-use crate::identity::{TokenReviewer, Workload};
+use crate::admission::Caller;
 use crate::mesh::Mesh;
+use crate::review::{TokenReviewer, Workload};
 use crate::store::Store;
 use futures_util::Stream;
 use remora_proto::control::admin_server::Admin;
@@ -18,6 +19,8 @@ pub struct DiscoveryService<S> {
     pub mesh: Arc<Mesh<S>>,
     /// With TLS: who may open a Discovery stream.
     pub auth: Option<DiscoveryAuth>,
+    /// Longest a proxy may take to send its Hello once the stream is open.
+    pub hello_timeout: std::time::Duration,
 }
 
 /// A proxy opens its Discovery stream with its workload certificate (a TLS
@@ -25,13 +28,28 @@ pub struct DiscoveryService<S> {
 /// one, and with its bootstrap token before that.
 pub struct DiscoveryAuth {
     pub reviewer: Option<Arc<dyn TokenReviewer>>,
+    /// Certificates must name identities in this trust domain.
+    pub trust_domain: String,
 }
 
+/// Largest message a proxy may send on its stream (a Hello, an ACK or a
+/// NACK's reason): before authentication nothing big is read.
+pub const MAX_REQUEST_BYTES: usize = 64 << 10;
+
 impl DiscoveryAuth {
-    async fn check<T>(&self, req: &Request<T>, hello: &Hello) -> Result<String, Status> {
+    /// Who is calling: the identity its certificate names, or the one its
+    /// bootstrap token was reviewed for.
+    async fn check<T>(&self, req: &Request<T>) -> Result<(Caller, &'static str), Status> {
         if let Some(certs) = req.peer_certs() {
             if let Some(leaf) = certs.first() {
-                return Ok(spiffe_id(leaf.as_ref()).unwrap_or_else(|| "certificate".into()));
+                let id = spiffe_id(leaf.as_ref()).unwrap_or_default();
+                let caller = Caller::from_spiffe_id(&id, &self.trust_domain).ok_or_else(|| {
+                    Status::unauthenticated(format!(
+                        "the client certificate names {id:?}, not a workload of trust domain {}",
+                        self.trust_domain
+                    ))
+                })?;
+                return Ok((caller, "certificate"));
             }
         }
         let Some(token) = bearer(req) else {
@@ -44,15 +62,21 @@ impl DiscoveryAuth {
                 "Discovery requires a workload certificate (no bootstrap tokens are configured)",
             ));
         };
-        // The identity the token claims (sent with it), else the Service.
+        // The identity the token claims is sent with it.
         let claimed = req
             .metadata()
             .get("x-remora-identity")
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split_once('/'));
-        let (ns, sa) = claimed
-            .or_else(|| hello.service.split_once('/'))
-            .unwrap_or(("default", hello.node_id.as_str()));
+            .and_then(|v| v.split_once('/'))
+            .filter(|(ns, sa)| {
+                crate::ca::check_label("namespace", ns).is_ok()
+                    && crate::ca::check_label("service_account", sa).is_ok()
+            });
+        let Some((ns, sa)) = claimed else {
+            return Err(Status::unauthenticated(
+                "a bootstrap token must come with the identity it claims (x-remora-identity: namespace/serviceAccount)",
+            ));
+        };
         let workload = Workload {
             namespace: ns,
             service_account: sa,
@@ -61,12 +85,16 @@ impl DiscoveryAuth {
             .review(token, workload)
             .await
             .map_err(|e| Status::unauthenticated(format!("bootstrap token refused: {e}")))?;
-        Ok("bootstrap token".into())
+        let caller = Caller {
+            namespace: ns.to_string(),
+            service_account: sa.to_string(),
+        };
+        Ok((caller, reviewer.kind()))
     }
 }
 
 /// The SPIFFE ID (URI SAN) of a DER certificate.
-fn spiffe_id(der: &[u8]) -> Option<String> {
+pub fn spiffe_id(der: &[u8]) -> Option<String> {
     use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
     let (_, cert) = X509Certificate::from_der(der).ok()?;
     let san = cert.subject_alternative_name().ok()??;
@@ -98,11 +126,16 @@ impl tonic::service::Interceptor for AdminAuth {
             return Ok(req);
         };
         let want = std::fs::read_to_string(path.as_path()).map_err(|e| {
-            warn!(path = %path.display(), error = %e, "admin token file unreadable");
+            warn!(path = %path.display(), error = %e, "admin token file unreadable: every Admin call is refused");
             Status::unavailable("the admin token cannot be checked")
         })?;
+        // An emptied file is a mistake, never "no token needed".
+        if want.trim().is_empty() {
+            warn!(path = %path.display(), "admin token file is empty: every Admin call is refused");
+            return Err(Status::unavailable("the admin token cannot be checked"));
+        }
         match bearer(&req) {
-            Some(got) if crate::identity::same_secret(got.as_bytes(), want.trim().as_bytes()) => {
+            Some(got) if crate::review::same_secret(got.as_bytes(), want.trim().as_bytes()) => {
                 Ok(req)
             }
             got => {
@@ -152,27 +185,50 @@ impl<S: Store> Discovery for DiscoveryService<S> {
             r
         };
         let mut incoming = request.into_inner();
-        let hello = match incoming.message().await? {
-            Some(DiscoveryRequest {
+        let peer = request_head
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let limit = self.hello_timeout;
+        let first = tokio::time::timeout(limit, incoming.message())
+            .await
+            .map_err(|_| {
+                warn!(peer, "Discovery stream refused: no Hello within {limit:?}");
+                Status::deadline_exceeded(format!("no Hello within {limit:?}"))
+            })?;
+        let hello = match first {
+            Ok(Some(DiscoveryRequest {
                 kind: Some(Kind::Hello(h)),
-            }) => h,
-            _ => return Err(Status::invalid_argument("the first message must be Hello")),
+            })) => h,
+            Ok(_) => return Err(Status::invalid_argument("the first message must be Hello")),
+            Err(e) => {
+                warn!(peer, error = %e.message(), "Discovery stream refused before its Hello");
+                return Err(e);
+            }
         };
-        if hello.node_id.is_empty() {
-            return Err(Status::invalid_argument("Hello.node_id is required"));
-        }
-        let node = hello.node_id.clone();
-        let credential = match &self.auth {
-            Some(auth) => match auth.check(&request_head, &hello).await {
-                Ok(c) => c,
+        let node = hello.node_id.chars().take(253).collect::<String>();
+        let (caller, credential) = match &self.auth {
+            Some(auth) => match auth.check(&request_head).await {
+                Ok((c, how)) => (Some(c), how),
                 Err(e) => {
-                    warn!(node, service = %hello.service, error = %e.message(), "Discovery stream refused");
+                    warn!(node, peer, service = %hello.service, error = %e.message(), "Discovery stream refused");
                     return Err(e);
                 }
             },
-            None => "none".into(),
+            None => (None, "none"),
         };
-        info!(node, service = %hello.service, last_version = %hello.last_version, %credential, "proxy connected");
+        if let Err(refused) = self.mesh.admit(
+            caller.as_ref(),
+            &hello.node_id,
+            &hello.service,
+            hello.instance.as_ref(),
+        ) {
+            let who = caller.as_ref().map(|c| c.to_string()).unwrap_or_default();
+            warn!(node, peer, identity = %who, service = %hello.service, reason = %refused, "Discovery stream refused");
+            return Err(refused.into());
+        }
+        let identity = caller.map(|c| c.to_string()).unwrap_or_default();
+        info!(node, service = %hello.service, last_version = %hello.last_version, %credential, %identity, "proxy connected");
         let (rx, conn) = self.mesh.connect(
             &node,
             &hello.service,
@@ -307,7 +363,7 @@ impl<S: Store> Admin for AdminService<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::ReviewError;
+    use crate::review::ReviewError;
     use std::sync::Mutex;
 
     /// Accepts one token and records whom it was asked about.
@@ -326,6 +382,14 @@ mod tests {
             } else {
                 Err(ReviewError::Denied("wrong token".into()))
             }
+        }
+
+        async fn still_granted(&self, _: Workload<'_>) -> Result<(), ReviewError> {
+            Ok(())
+        }
+
+        fn kind(&self) -> &'static str {
+            "recording"
         }
     }
 
@@ -347,32 +411,30 @@ mod tests {
         let reviewer = Arc::new(Recording::default());
         let auth = DiscoveryAuth {
             reviewer: Some(reviewer.clone()),
-        };
-        let hello = Hello {
-            node_id: "api-1".into(),
-            service: "shop/api".into(),
-            ..Default::default()
+            trust_domain: "mesh.test".into(),
         };
         let claimed = request(Some("good"), Some("shop/api-sa"));
-        assert_eq!(
-            auth.check(&claimed, &hello).await.unwrap(),
-            "bootstrap token"
-        );
-        // Without a claim, the Service's namespace and name.
-        let unclaimed = request(Some("good"), None);
-        assert!(auth.check(&unclaimed, &hello).await.is_ok());
+        let (caller, how) = auth.check(&claimed).await.unwrap();
+        assert_eq!(caller.to_string(), "shop/api-sa");
+        assert_eq!(how, "recording");
         assert_eq!(
             *reviewer.0.lock().unwrap(),
-            [
-                ("shop".to_string(), "api-sa".to_string()),
-                ("shop".to_string(), "api".to_string())
-            ]
+            [("shop".to_string(), "api-sa".to_string())]
         );
-        let bad = request(Some("bad"), None);
-        let refused = auth.check(&bad, &hello).await;
-        assert_eq!(refused.unwrap_err().code(), tonic::Code::Unauthenticated);
-        let none = request(None, None);
-        let anonymous = auth.check(&none, &hello).await;
-        assert_eq!(anonymous.unwrap_err().code(), tonic::Code::Unauthenticated);
+        // A token must say whom it is for, in a well-formed way.
+        for (token, identity) in [
+            (Some("good"), None),
+            (Some("good"), Some("Shop/api")),
+            (Some("good"), Some("no-slash")),
+            (Some("bad"), Some("shop/api")),
+            (None, None),
+        ] {
+            let refused = auth.check(&request(token, identity)).await;
+            assert_eq!(
+                refused.unwrap_err().code(),
+                tonic::Code::Unauthenticated,
+                "{token:?} {identity:?}"
+            );
+        }
     }
 }

@@ -5,11 +5,15 @@
 //! (`ca`), issuing proxies their workload certificates (`identity`).
 #![forbid(unsafe_code)]
 
+pub mod accept;
+pub mod admission;
 pub mod ca;
 pub mod grpc;
 pub mod identity;
+pub mod kube;
 pub mod mesh;
 pub mod resources;
+pub mod review;
 pub mod store;
 pub mod tls;
 
@@ -22,19 +26,30 @@ use std::time::Duration;
 
 /// Largest message accepted or sent (a big mesh's snapshot).
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+/// HTTP/2 streams open at once on one client connection.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 32;
+/// Reset streams tolerated per connection (rapid-reset floods).
+pub const MAX_RESET_STREAMS: usize = 32;
+/// Largest request header block.
+pub const MAX_HEADER_BYTES: u32 = 16 << 10;
 
 /// How the control plane guards its API. The default (no TLS, no admin
 /// token) is for a laptop; production runs with both.
-#[derive(Default)]
 pub struct Security {
     /// Serve gRPC over TLS (a certificate from the CA, renewed in place;
     /// client certificates verified against the trust bundle).
     pub tls: Option<Arc<tls::ServingTls>>,
     /// With TLS: Discovery needs a workload certificate or a bootstrap
     /// token checked by this reviewer.
-    pub discovery_reviewer: Option<Arc<dyn identity::TokenReviewer>>,
+    pub discovery_reviewer: Option<Arc<dyn review::TokenReviewer>>,
     /// Admin calls need the token in this file.
     pub admin_token_file: Option<std::path::PathBuf>,
+    /// Proxies' certificates must name identities in this trust domain.
+    pub trust_domain: String,
+    /// Most client connections open at once; past it, accepting pauses.
+    pub max_connections: usize,
+    /// Longest a proxy may take to send its Hello.
+    pub hello_timeout: Duration,
 }
 
 /// Serves Discovery, Admin and Identity on one listener until `shutdown`
@@ -48,12 +63,16 @@ pub async fn serve<S: store::Store>(
 ) -> Result<(), tonic::transport::Error> {
     let auth = security.tls.is_some().then(|| grpc::DiscoveryAuth {
         reviewer: security.discovery_reviewer.clone(),
+        trust_domain: security.trust_domain.clone(),
     });
+    // What proxies send is small (Hello, ACK): nothing big is read from a
+    // stream, authenticated or not. Snapshots going out may be big.
     let discovery = DiscoveryServer::new(grpc::DiscoveryService {
         mesh: mesh.clone(),
         auth,
+        hello_timeout: security.hello_timeout,
     })
-    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_decoding_message_size(grpc::MAX_REQUEST_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let admin = AdminServer::new(grpc::AdminService { mesh })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -64,33 +83,31 @@ pub async fn serve<S: store::Store>(
             token_file: security.admin_token_file.map(Arc::new),
         },
     );
-    let identity = IdentityServer::new(identity);
-    // TcpIncoming (not a plain listener stream) so that TCP_NODELAY is set
-    // on accepted sockets: without it, small ACK/snapshot frames wait on
-    // Nagle (a 500-route apply went from 58 ms to 18 ms with it).
+    let identity = IdentityServer::new(identity).max_decoding_message_size(grpc::MAX_REQUEST_BYTES);
     let mut builder = tonic::transport::Server::builder()
         // Notice dead proxies (and let them notice us) without traffic.
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
-        .tcp_nodelay(true);
+        .tcp_nodelay(true)
+        // Bounds before anyone is authenticated (tonic's defaults leave
+        // these unlimited): a proxy needs one stream, remoractl a few.
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .http2_max_pending_accept_reset_streams(Some(MAX_RESET_STREAMS))
+        .http2_max_local_error_reset_streams(Some(MAX_RESET_STREAMS))
+        .http2_max_header_list_size(Some(MAX_HEADER_BYTES));
     let router = builder
         .add_service(discovery)
         .add_service(admin)
         .add_service(identity);
     match security.tls {
         Some(serving) => {
-            let incoming = tls::incoming(listener, serving);
+            let incoming = tls::incoming(listener, serving, security.max_connections);
             router
                 .serve_with_incoming_shutdown(incoming, shutdown)
                 .await
         }
         None => {
-            // TcpIncoming (not a plain listener stream) so that TCP_NODELAY
-            // is set on accepted sockets: without it, small ACK/snapshot
-            // frames wait on Nagle (a 500-route apply went from 58 ms to 18
-            // ms with it).
-            let incoming =
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            let incoming = accept::plaintext(listener, security.max_connections);
             router
                 .serve_with_incoming_shutdown(incoming, shutdown)
                 .await

@@ -32,6 +32,8 @@ const ALL: &str = "*";
 
 pub struct Mesh<S> {
     store: S,
+    /// How long a disconnected proxy stays in the status table.
+    retention: std::sync::atomic::AtomicU64,
     /// Serializes commits (apply, delete, rollback).
     write: tokio::sync::Mutex<()>,
     state: Mutex<State>,
@@ -49,6 +51,8 @@ struct State {
     trust_bundle_pem: String,
     /// Registered instances by node id.
     instances: BTreeMap<String, (String, Instance)>,
+    /// The identity each node id is bound to (the first to register it).
+    owners: BTreeMap<String, String>,
     /// Bumped whenever `instances` changes, for the task that saves them.
     instances_gen: u64,
     dirty: Arc<tokio::sync::Notify>,
@@ -60,6 +64,9 @@ struct State {
 struct Proxy {
     status: ProxyStatus,
     conn: u64,
+    /// When its stream ended (it leaves the status table after the
+    /// retention period).
+    gone_since: Option<std::time::Instant>,
 }
 
 fn now_unix() -> i64 {
@@ -109,6 +116,20 @@ impl State {
 
     fn version(&self) -> u64 {
         self.history.last().map_or(0, |r| r.version)
+    }
+
+    /// Forgets proxies gone for longer than `retention_secs`, and the node
+    /// bindings of nodes that have neither a proxy nor an instance left.
+    fn prune(&mut self, retention_secs: u64) {
+        let retention = Duration::from_secs(retention_secs);
+        let before = self.proxies.len();
+        self.proxies
+            .retain(|_, p| p.gone_since.is_none_or(|t| t.elapsed() < retention));
+        if self.proxies.len() != before {
+            let (proxies, instances) = (&self.proxies, &self.instances);
+            self.owners
+                .retain(|node, _| proxies.contains_key(node) || instances.contains_key(node));
+        }
     }
 
     fn scope_of(&self, service: &str) -> String {
@@ -296,6 +317,7 @@ impl<S: Store> Mesh<S> {
         }
         Ok(Arc::new(Mesh {
             store,
+            retention: AtomicU64::new(3600),
             write: tokio::sync::Mutex::new(()),
             state: Mutex::new(State {
                 history,
@@ -328,6 +350,9 @@ impl<S: Store> Mesh<S> {
                     let mut nodes = Vec::new();
                     for reg in r.registrations {
                         if let Some(i) = reg.instance {
+                            if !reg.identity.is_empty() {
+                                st.owners.insert(reg.node_id.clone(), reg.identity);
+                            }
                             st.instances.insert(reg.node_id.clone(), (reg.service, i));
                             nodes.push(reg.node_id);
                         }
@@ -401,6 +426,7 @@ impl<S: Store> Mesh<S> {
                         node_id: node.clone(),
                         service: service.clone(),
                         instance: Some(i.clone()),
+                        identity: st.owners.get(node).cloned().unwrap_or_default(),
                     })
                     .collect(),
             };
@@ -424,6 +450,51 @@ impl<S: Store> Mesh<S> {
 
     // ---------------------------------------------------------- discovery
 
+    /// How long a proxy whose stream ended stays in the status table.
+    pub fn set_status_retention(&self, d: Duration) {
+        self.retention.store(d.as_secs().max(1), Relaxed);
+    }
+
+    /// Checks a proxy's Hello against who it is (`caller`: its verified
+    /// identity; `None` on a control plane without authentication, where
+    /// only the shape is checked), and binds the node id to the caller.
+    pub fn admit(
+        &self,
+        caller: Option<&crate::admission::Caller>,
+        node: &str,
+        service: &str,
+        instance: Option<&Instance>,
+    ) -> Result<(), crate::admission::Refused> {
+        use crate::admission::{check_instance, check_service, Refused};
+        if node.is_empty() || node.len() > 253 {
+            return Err(Refused::Invalid(
+                "Hello.node_id must be 1 to 253 characters".into(),
+            ));
+        }
+        if let Some(i) = instance {
+            check_instance(i).map_err(Refused::Invalid)?;
+        }
+        let Some(caller) = caller else {
+            return Ok(());
+        };
+        let mut st = self.lock();
+        if !service.is_empty() {
+            let (_, cfg) = st.current();
+            check_service(&cfg, service, caller).map_err(Refused::Denied)?;
+        }
+        let who = caller.to_string();
+        match st.owners.get(node) {
+            Some(owner) if *owner != who => Err(Refused::Denied(format!(
+                "node {node} belongs to {owner}: another identity cannot take it over"
+            ))),
+            Some(_) => Ok(()),
+            None => {
+                st.owners.insert(node.to_string(), who);
+                Ok(())
+            }
+        }
+    }
+
     /// A proxy connected: records it, registers its instance, and returns
     /// its scope's snapshots and a connection id.
     pub fn connect(
@@ -440,6 +511,7 @@ impl<S: Store> Mesh<S> {
             .as_ref()
             .map(|i| format!("{}:{}", i.address, i.port))
             .unwrap_or_default();
+        st.prune(self.retention.load(Relaxed));
         let prev = st.proxies.remove(node);
         let mut status = prev.map(|p| p.status).unwrap_or_default();
         status.node_id = node.to_string();
@@ -452,7 +524,14 @@ impl<S: Store> Mesh<S> {
             // control-plane restart): as good as an ACK.
             status.acked_version = last_version.to_string();
         }
-        st.proxies.insert(node.to_string(), Proxy { status, conn });
+        st.proxies.insert(
+            node.to_string(),
+            Proxy {
+                status,
+                conn,
+                gone_since: None,
+            },
+        );
         let changed = match instance {
             Some(i) if !service.is_empty() => {
                 let entry = (service.to_string(), i);
@@ -507,7 +586,10 @@ impl<S: Store> Mesh<S> {
         {
             let mut st = self.lock();
             match st.proxies.get_mut(node) {
-                Some(p) if p.conn == conn => p.status.connected = false,
+                Some(p) if p.conn == conn => {
+                    p.status.connected = false;
+                    p.gone_since = Some(std::time::Instant::now());
+                }
                 _ => return,
             }
         }
@@ -698,7 +780,8 @@ impl<S: Store> Mesh<S> {
     }
 
     pub fn status(&self) -> (u64, String, Vec<ProxyStatus>) {
-        let st = self.lock();
+        let mut st = self.lock();
+        st.prune(self.retention.load(Relaxed));
         let version = st.current().0;
         let (_, fp) = st.effective();
         let snapshot = format!("{version}.{:08x}", fp as u32);
@@ -813,5 +896,55 @@ spec:
         let front = scope_config(&c, "default/front");
         assert!(!names(&front).contains(&"cart-callers".to_string()));
         remora_proto::prepare(front).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_node_id_belongs_to_the_identity_that_first_registered_it() {
+        use crate::admission::{Caller, Refused};
+        let dir = std::env::temp_dir().join(format!("remora-mesh-admit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = crate::store::FileStore::open(&dir).unwrap();
+        let mesh = Mesh::open(store, Duration::from_secs(10)).await.unwrap();
+        let yaml = "kind: Service\nmetadata: {name: api, namespace: shop}\nspec: {ports: [{port: 80}]}\n---\n\
+                    kind: Service\nmetadata: {name: web, namespace: shop}\nspec: {ports: [{port: 80}]}\n";
+        mesh.apply(remora_proto::parse_yaml(yaml, "t").unwrap(), "t")
+            .await
+            .unwrap();
+        let who = |sa: &str| Caller {
+            namespace: "shop".into(),
+            service_account: sa.into(),
+        };
+        let inst = Instance {
+            address: "10.0.0.5".into(),
+            port: 4143,
+            ..Default::default()
+        };
+        let (api, web) = (who("api"), who("web"));
+        assert!(mesh
+            .admit(Some(&api), "api-1", "shop/api", Some(&inst))
+            .is_ok());
+        // Again (a reconnect): fine.
+        assert!(mesh
+            .admit(Some(&api), "api-1", "shop/api", Some(&inst))
+            .is_ok());
+        // web may not register under api, nor take api-1 over.
+        let e = mesh
+            .admit(Some(&web), "web-1", "shop/api", Some(&inst))
+            .unwrap_err();
+        assert!(matches!(e, Refused::Denied(_)), "{e}");
+        let e = mesh
+            .admit(Some(&web), "api-1", "shop/web", None)
+            .unwrap_err();
+        assert!(e.to_string().contains("belongs to shop/api"), "{e}");
+        assert!(mesh.admit(Some(&web), "web-1", "shop/web", None).is_ok());
+        // A bad instance is refused whoever sends it.
+        let bad = Instance {
+            address: "nowhere".into(),
+            port: 4143,
+            ..Default::default()
+        };
+        let e = mesh.admit(None, "x", "shop/api", Some(&bad)).unwrap_err();
+        assert!(matches!(e, Refused::Invalid(_)), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

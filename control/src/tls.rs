@@ -147,38 +147,29 @@ impl ResolvesServerCert for Resolver {
     }
 }
 
-/// TLS connections accepted on `listener`, handshakes done concurrently.
+/// TLS connections accepted on `listener`, handshakes done concurrently,
+/// at most `max` open at once.
 pub fn incoming(
     listener: TcpListener,
     tls: Arc<ServingTls>,
-) -> ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    max: usize,
+) -> ReceiverStream<Result<crate::accept::Capped<TlsStream<TcpStream>>, std::io::Error>> {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls.config.clone());
-    tokio::spawn(async move {
-        loop {
-            let (tcp, peer) = match listener.accept().await {
-                Ok(c) => c,
-                Err(e) => {
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
+    let permits = Arc::new(tokio::sync::Semaphore::new(max.max(1)));
+    crate::accept::accept_loop(listener, permits, move |tcp, peer| {
+        let acceptor = acceptor.clone();
+        async move {
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => Some(s),
+                Ok(Err(e)) => {
+                    debug!(%peer, error = %e, "TLS handshake failed");
+                    None
                 }
-            };
-            if tx.is_closed() {
-                return;
+                Err(_) => {
+                    debug!(%peer, "TLS handshake timed out");
+                    None
+                }
             }
-            let _ = tcp.set_nodelay(true);
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
-            tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(s)) => {
-                        let _ = tx.send(Ok(s)).await;
-                    }
-                    Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
-                    Err(_) => debug!(%peer, "TLS handshake timed out"),
-                }
-            });
         }
-    });
-    ReceiverStream::new(rx)
+    })
 }

@@ -1,10 +1,17 @@
 //! The proxy's workload identity. At start the proxy makes its own key pair
-//! (ECDSA P-256; the private key never leaves the process), sends a CSR with
+//! (ECDSA P-256; the private key never leaves the pod), sends a CSR with
 //! its bootstrap token to the control plane's Identity service, and keeps
 //! the certificate chain, key and trust bundle in a `CertStore`. It renews
 //! at about 70% of the certificate's lifetime with a fresh key pair each
-//! time; while the control plane is unreachable it retries with backoff and
-//! keeps the current certificate until it expires.
+//! time, authenticated by the current certificate (the token is needed only
+//! for the first one, or after the certificate expired); while the control
+//! plane is unreachable it retries with backoff and keeps the current
+//! certificate until it expires.
+//!
+//! The certificate and key are also kept in the state directory (owner-only,
+//! written atomically) next to the last-known-good snapshot, so a proxy
+//! restarted while the control plane is down serves mTLS again at once,
+//! until that certificate expires.
 //!
 //! `CertStore` is what rustls asks for a certificate (`ResolvesServerCert`,
 //! `ResolvesClientCert`): each new handshake gets the newest certificate,
@@ -50,7 +57,12 @@ pub struct IdentityConfig {
     pub max_backoff: Duration,
     /// Roots (PEM) that verify an https control plane.
     pub ca_pem: Option<String>,
+    /// Where the current certificate and key are kept across restarts.
+    pub state_dir: Option<PathBuf>,
 }
+
+/// The file in the state directory that holds the certificate and key.
+const IDENTITY_FILE: &str = "identity.json";
 
 impl IdentityConfig {
     /// Fails fast on what no retry would fix: names that are not DNS labels,
@@ -325,21 +337,33 @@ pub fn leaf_identity(der: &CertificateDer<'_>) -> Result<(String, SystemTime), S
 
 /// One request: a fresh key pair, its CSR, the checked answer.
 /// `bundle`: the current trust bundle, which also verifies the control
-/// plane (next to `--control-plane-ca`).
+/// plane (next to `--control-plane-ca`). With `current` (unexpired) and an
+/// https control plane, the request is authenticated by that certificate
+/// and the bootstrap token is not read.
 pub async fn fetch(
     cfg: &IdentityConfig,
     bundle: Option<&str>,
+    current: Option<&Credentials>,
 ) -> Result<Credentials, IdentityError> {
-    let token_err = |message: String| IdentityError::Token {
-        path: cfg.token_file.display().to_string(),
-        message,
+    let https = cfg.url.starts_with("https://");
+    let current = current.filter(|c| https && c.not_after > SystemTime::now());
+    let token = match current {
+        Some(_) => String::new(),
+        None => {
+            let token_err = |message: String| IdentityError::Token {
+                path: cfg.token_file.display().to_string(),
+                message,
+            };
+            let t = tokio::fs::read_to_string(&cfg.token_file)
+                .await
+                .map_err(|e| token_err(e.to_string()))?;
+            t.trim().to_string()
+        }
     };
-    let token = tokio::fs::read_to_string(&cfg.token_file)
-        .await
-        .map_err(|e| token_err(e.to_string()))?;
     let (key, csr_pem) = new_key()?;
     let roots: Vec<&str> = cfg.ca_pem.as_deref().into_iter().chain(bundle).collect();
-    let channel = crate::discovery::endpoint(&cfg.url, &roots, None)?
+    let client = current.map(|c| (c.pem.0 .0.as_str(), c.pem.0 .1.as_str()));
+    let channel = crate::discovery::endpoint(&cfg.url, &roots, client)?
         .connect_timeout(Duration::from_secs(3))
         .timeout(Duration::from_secs(10))
         .connect()
@@ -349,11 +373,78 @@ pub async fn fetch(
             csr_pem,
             namespace: cfg.namespace.clone(),
             service_account: cfg.service_account.clone(),
-            bootstrap_token: token.trim().to_string(),
+            bootstrap_token: token,
         })
         .await?
         .into_inner();
     credentials(&key, &resp, &cfg.namespace, &cfg.service_account)
+}
+
+/// What the identity file holds.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Persisted {
+    chain_pem: String,
+    key_pem: String,
+    bundle_pem: String,
+}
+
+/// Keeps the credentials in the state directory: a temp file created
+/// owner-only, fsynced, renamed over the old one.
+fn persist(dir: &std::path::Path, c: &Credentials) -> std::io::Result<()> {
+    use std::io::Write;
+    let body = serde_json::to_vec(&Persisted {
+        chain_pem: c.pem.0 .0.clone(),
+        key_pem: c.pem.0 .1.clone(),
+        bundle_pem: c.bundle.pem.clone(),
+    })?;
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(".{IDENTITY_FILE}.tmp"));
+    let _ = std::fs::remove_file(&tmp);
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts.open(&tmp)?;
+    f.write_all(&body)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, dir.join(IDENTITY_FILE))?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// The credentials kept by an earlier run, if they are still good: the
+/// chain leads to the bundle kept with them, names this proxy's identity,
+/// certifies the key, and has not expired.
+pub fn restore(cfg: &IdentityConfig) -> Option<Credentials> {
+    let path = cfg.state_dir.as_ref()?.join(IDENTITY_FILE);
+    let bytes = std::fs::read(&path).ok()?;
+    let checked = serde_json::from_slice::<Persisted>(&bytes)
+        .map_err(|e| e.to_string())
+        .and_then(|p| {
+            let key = KeyPair::from_pem(&p.key_pem).map_err(|e| e.to_string())?;
+            let resp = IssueResponse {
+                cert_chain_pem: p.chain_pem,
+                trust_bundle_pem: p.bundle_pem,
+                not_after_unix: 0,
+            };
+            credentials(&key, &resp, &cfg.namespace, &cfg.service_account)
+                .map_err(|e| e.to_string())
+        });
+    match checked {
+        Ok(c) if c.not_after > SystemTime::now() => {
+            info!(identity = %c.spiffe_id, not_after_unix = unix(c.not_after), path = %path.display(),
+                "restored the workload certificate kept on disk");
+            Some(c)
+        }
+        Ok(_) => {
+            info!(path = %path.display(), "the kept workload certificate has expired");
+            None
+        }
+        Err(e) => {
+            warn!(path = %path.display(), error = %e, "the kept workload certificate is unusable; ignoring it");
+            None
+        }
+    }
 }
 
 /// Runs until shutdown: get a certificate, renew it at about 70% of its
@@ -372,18 +463,28 @@ pub async fn run(
     let (ok, failed) = (counter("ok"), counter("error"));
     let expiry = metrics.identity_cert_expiry.clone();
     let mut backoff = FIRST_BACKOFF;
+    // A certificate restored from disk: renew it when it is due.
+    let mut first_wait = store.current().map(|c| renew_after(c.not_after));
     loop {
+        if let Some(wait) = first_wait.take() {
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
         let bundle = store.bundle();
-        let wait = match fetch(&cfg, bundle.as_ref().map(|b| b.pem.as_str())).await {
+        let current = store.current();
+        let fetched = fetch(
+            &cfg,
+            bundle.as_ref().map(|b| b.pem.as_str()),
+            current.as_deref(),
+        )
+        .await;
+        let wait = match fetched {
             Ok(creds) => {
                 ok.inc();
                 backoff = FIRST_BACKOFF;
-                let left = creds
-                    .not_after
-                    .duration_since(SystemTime::now())
-                    .unwrap_or_default();
-                let share = RENEW_AT + RENEW_JITTER * (2.0 * fastrand::f64() - 1.0);
-                let renew_in = left.mul_f64(share).max(MIN_RENEW_WAIT);
+                let renew_in = renew_after(creds.not_after);
                 info!(
                     identity = %creds.spiffe_id,
                     not_after_unix = unix(creds.not_after),
@@ -394,6 +495,21 @@ pub async fn run(
                 metrics
                     .identity_trust_roots
                     .set(creds.bundle.roots.len() as i64);
+                if let Some(dir) = cfg.state_dir.clone() {
+                    let kept = Credentials {
+                        key: creds.key.clone(),
+                        bundle: creds.bundle.clone(),
+                        spiffe_id: creds.spiffe_id.clone(),
+                        not_after: creds.not_after,
+                        pem: Secret(creds.pem.0.clone()),
+                    };
+                    // Off the data-plane thread: a file write and fsyncs.
+                    tokio::task::spawn_blocking(move || {
+                        if let Err(e) = persist(&dir, &kept) {
+                            warn!(dir = %dir.display(), error = %e, "could not keep the workload certificate on disk");
+                        }
+                    });
+                }
                 store.install(creds);
                 renew_in
             }
@@ -429,6 +545,16 @@ pub async fn run(
             _ = shutdown.changed() => return,
         }
     }
+}
+
+/// When to renew a certificate expiring at `not_after`: at about 70% of
+/// what is left, with jitter.
+fn renew_after(not_after: SystemTime) -> Duration {
+    let left = not_after
+        .duration_since(SystemTime::now())
+        .unwrap_or_default();
+    let share = RENEW_AT + RENEW_JITTER * (2.0 * fastrand::f64() - 1.0);
+    left.mul_f64(share).max(MIN_RENEW_WAIT)
 }
 
 /// An error and its causes on one line ("transport error" alone says little).
@@ -701,6 +827,44 @@ mod tests {
     }
 
     #[test]
+    fn kept_credentials_come_back_only_for_this_identity() {
+        let dir = std::env::temp_dir().join(format!("remora-identity-keep-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let cfg = |sa: &str| IdentityConfig {
+            url: "https://127.0.0.1:1".into(),
+            namespace: "shop".into(),
+            service_account: sa.into(),
+            token_file: dir.join("token"),
+            max_backoff: Duration::from_secs(1),
+            ca_pem: None,
+            state_dir: Some(dir.clone()),
+        };
+        assert!(restore(&cfg("api")).is_none(), "nothing kept yet");
+        let ca = TestCa::new();
+        let creds = ca.issue("shop", "api");
+        persist(&dir, &creds).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.join(IDENTITY_FILE))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "owner-only");
+        }
+        let back = restore(&cfg("api")).expect("restored");
+        assert_eq!(back.spiffe_id, "spiffe://mesh.test/ns/shop/sa/api");
+        assert_eq!(back.not_after, creds.not_after);
+        back.key.keys_match().unwrap();
+        // Another identity's proxy does not take it.
+        assert!(restore(&cfg("web")).is_none());
+        // A damaged file is ignored.
+        std::fs::write(dir.join(IDENTITY_FILE), "{").unwrap();
+        assert!(restore(&cfg("api")).is_none());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn config_check_fails_fast() {
         let dir = std::env::temp_dir().join(format!("remora-identity-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -713,6 +877,7 @@ mod tests {
             token_file: f.to_path_buf(),
             max_backoff: Duration::from_secs(1),
             ca_pem: None,
+            state_dir: None,
         };
         assert!(cfg("shop", "api", &token).check().is_ok());
         assert!(cfg("Shop", "api", &token).check().is_err());

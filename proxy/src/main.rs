@@ -80,10 +80,15 @@ struct Args {
     /// Labels of this instance (key=value, comma-separated), e.g. version=v2.
     #[arg(long = "label", env = "REMORA_LABELS", value_delimiter = ',')]
     labels: Vec<String>,
-    /// Where the last-known-good snapshot from the control plane is kept
-    /// (defaults to <tmp>/remora/<node id>).
+    /// Where the last-known-good snapshot from the control plane, and the
+    /// workload certificate and its key, are kept (defaults to
+    /// <tmp>/remora/<node id>). In Kubernetes: an in-memory emptyDir.
     #[arg(long, env = "REMORA_STATE_DIR")]
     state_dir: Option<PathBuf>,
+    /// INSECURE: send the bootstrap token to an http:// control plane, in
+    /// the clear. For a local development setup only.
+    #[arg(long, env = "REMORA_INSECURE_DEV_PLAINTEXT")]
+    insecure_dev_plaintext: bool,
     /// Longest wait between control-plane reconnects.
     #[arg(long, env = "REMORA_CONTROL_PLANE_MAX_BACKOFF", default_value = "10s", value_parser = duration)]
     control_plane_max_backoff: Duration,
@@ -442,17 +447,41 @@ fn run(args: Args) -> Result<()> {
     // Workload identity: a certificate from the control plane, renewed in
     // the background. A bad flag fails here, before anything runs.
     let cp_ca = control_plane_ca(&args)?;
+    let node_id = node_id(&args);
+    let state_dir = args
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join("remora").join(&node_id));
     let identity = args
         .bootstrap_token_file
         .clone()
-        .map(|f| identity_config(&args, f, cp_ca.clone()))
+        .map(|f| identity_config(&args, f, cp_ca.clone(), state_dir.clone()))
         .transpose()?;
+    // A certificate kept by an earlier run: mTLS at once, even while the
+    // control plane is down.
+    if let (Some(cfg), Some(mesh)) = (&identity, &mesh_tls) {
+        if let Some(c) = remora_proxy::identity::restore(cfg) {
+            metrics.identity_cert_expiry.set(c.not_after);
+            metrics
+                .identity_trust_roots
+                .set(c.bundle.roots.len() as i64);
+            mesh.store().install(c);
+        }
+    }
     // With a control plane, ready means a config is running: from disk at
     // once if one was kept, else when the first snapshot is applied.
     let discovery = args.control_plane.clone().map(|url| {
         // The address actually bound (port 0 picks one) is what registers.
         let inbound = inbound_l.as_ref().and_then(|l| l.local_addr().ok());
-        discovery_config(&args, inbound, url, cp_ca, identity.as_ref())
+        discovery_config(
+            &args,
+            inbound,
+            url,
+            cp_ca,
+            identity.as_ref(),
+            node_id.clone(),
+            state_dir.clone(),
+        )
     });
     let discovery = discovery.transpose()?;
     let mut last_version = String::new();
@@ -552,15 +581,9 @@ fn run(args: Args) -> Result<()> {
     })
 }
 
-fn discovery_config(
-    args: &Args,
-    inbound: Option<SocketAddr>,
-    url: String,
-    ca_pem: Option<String>,
-    identity: Option<&IdentityConfig>,
-) -> Result<DiscoveryConfig> {
-    let node_id = args
-        .node_id
+/// This proxy's id at the control plane: --node-id, else the host name.
+fn node_id(args: &Args) -> String {
+    args.node_id
         .clone()
         .or_else(|| std::env::var("HOSTNAME").ok())
         .or_else(|| {
@@ -569,7 +592,18 @@ fn discovery_config(
                 .map(|h| h.trim().to_string())
         })
         .filter(|n| !n.is_empty())
-        .unwrap_or_else(|| format!("proxy-{}", std::process::id()));
+        .unwrap_or_else(|| format!("proxy-{}", std::process::id()))
+}
+
+fn discovery_config(
+    args: &Args,
+    inbound: Option<SocketAddr>,
+    url: String,
+    ca_pem: Option<String>,
+    identity: Option<&IdentityConfig>,
+    node_id: String,
+    state_dir: PathBuf,
+) -> Result<DiscoveryConfig> {
     let service = match &args.service {
         Some(s) if s.contains('/') => s.clone(),
         Some(s) => format!("{}/{s}", args.namespace),
@@ -601,10 +635,6 @@ fn discovery_config(
                 port: a.port() as u32,
                 labels,
             });
-    let state_dir = args
-        .state_dir
-        .clone()
-        .unwrap_or_else(|| std::env::temp_dir().join("remora").join(&node_id));
     Ok(DiscoveryConfig {
         url,
         node_id,
@@ -645,13 +675,21 @@ fn identity_config(
     args: &Args,
     token_file: PathBuf,
     ca_pem: Option<String>,
+    state_dir: PathBuf,
 ) -> Result<IdentityConfig> {
+    let url = args.control_plane.clone().unwrap_or_default();
+    if url.starts_with("http://") && !args.insecure_dev_plaintext {
+        bail!(
+            "--control-plane {url}: the bootstrap token would cross the network in the clear. Use an https:// control plane (remora-control --tls, and --control-plane-ca here), or say --insecure-dev-plaintext for a local development setup"
+        );
+    }
     let service_name = args
         .service
         .as_deref()
         .map(|s| s.rsplit('/').next().unwrap_or(s));
     let cfg = IdentityConfig {
-        url: args.control_plane.clone().unwrap_or_default(),
+        url,
+        state_dir: Some(state_dir),
         namespace: args
             .identity_namespace
             .clone()

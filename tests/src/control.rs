@@ -179,3 +179,91 @@ impl Drop for ControlProcess {
         self.kill();
     }
 }
+
+/// Bootstrap tokens, one per identity, as an operator outside Kubernetes
+/// keeps them: the control plane's tokens file (`--bootstrap-tokens`, the
+/// tokens' SHA-256 only) and one token file per identity for its proxies.
+pub struct Tokens {
+    dir: std::path::PathBuf,
+}
+
+impl Tokens {
+    /// An empty tokens file in `dir` (the control plane reads it at start
+    /// and again whenever it changes).
+    pub fn new(dir: &TempDir) -> Tokens {
+        let t = Tokens {
+            dir: dir.path().to_path_buf(),
+        };
+        std::fs::write(t.file(), "# namespace/serviceAccount sha256:<hex>\n").unwrap();
+        t
+    }
+
+    /// The tokens already in `dir` (made by `new`).
+    pub fn at(dir: &TempDir) -> Tokens {
+        Tokens {
+            dir: dir.path().to_path_buf(),
+        }
+    }
+
+    /// The control plane's `--bootstrap-tokens` file.
+    pub fn file(&self) -> std::path::PathBuf {
+        self.dir.join("tokens")
+    }
+
+    /// The token file for `namespace/service_account`, made (and its hash
+    /// added to the tokens file) on first use.
+    pub fn token_for(&self, namespace: &str, service_account: &str) -> std::path::PathBuf {
+        let path = self
+            .dir
+            .join(format!("{namespace}.{service_account}.token"));
+        if !path.exists() {
+            let token = format!("token-of-{namespace}-{service_account}");
+            std::fs::write(&path, format!("{token}\n")).unwrap();
+            self.grant(namespace, service_account, &token);
+        }
+        path
+    }
+
+    /// Adds a token for an identity to the tokens file.
+    pub fn grant(&self, namespace: &str, service_account: &str, token: &str) {
+        use std::io::Write;
+        let line = format!(
+            "{namespace}/{service_account} {}\n",
+            remora_control_hash(token)
+        );
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.file())
+            .unwrap()
+            .write_all(line.as_bytes())
+            .unwrap();
+    }
+
+    /// Removes every token of an identity from the tokens file (revokes it).
+    pub fn revoke(&self, namespace: &str, service_account: &str) {
+        let prefix = format!("{namespace}/{service_account} ");
+        let text = std::fs::read_to_string(self.file()).unwrap();
+        let kept: String = text
+            .lines()
+            .filter(|l| !l.starts_with(&prefix))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(self.file(), kept).unwrap();
+    }
+}
+
+/// `sha256:<hex>` of a token, as the tokens file keeps it.
+fn remora_control_hash(token: &str) -> String {
+    let out = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(token.as_bytes())?;
+            c.wait_with_output()
+        })
+        .expect("sha256sum");
+    let hex = String::from_utf8_lossy(&out.stdout);
+    format!("sha256:{}", hex.split_whitespace().next().unwrap_or(""))
+}

@@ -134,6 +134,9 @@ pub struct ProxyBuilder {
     app: Option<SocketAddr>,
     /// Run inside this pod as this uid (and gid).
     pod: Option<(netns::Pod, u32)>,
+    /// The inbound address to bind (a restart keeping its address, as a
+    /// pod keeps its IP); the kernel picks one otherwise.
+    inbound: Option<SocketAddr>,
 }
 
 impl ProxyBuilder {
@@ -143,6 +146,7 @@ impl ProxyBuilder {
             config: None,
             app: None,
             pod: None,
+            inbound: None,
         }
     }
     pub fn config(mut self, path: &Path) -> Self {
@@ -164,6 +168,12 @@ impl ProxyBuilder {
     /// `inbound` and `admin` at the pod's IP (reachable from the test
     /// process) and `outbound` 127.0.0.1:4140 (reachable only inside the
     /// pod). Its `--state-dir`, if any, is made and handed to `uid`.
+    /// Binds the inbound listener to `addr`.
+    pub fn inbound_at(mut self, addr: SocketAddr) -> Self {
+        self.inbound = Some(addr);
+        self
+    }
+
     pub fn in_pod(mut self, pod: &netns::Pod, uid: u32) -> Self {
         self.pod = Some((pod.clone(), uid));
         self
@@ -203,7 +213,10 @@ impl ProxyBuilder {
                 let (inbound, outbound, admin) = pod_listen_addrs();
                 self.spawn_on(inbound, outbound, admin)
             }
-            None => self.spawn_on(any_port(), any_port(), any_port()),
+            None => {
+                let inbound = self.inbound.unwrap_or_else(any_port);
+                self.spawn_on(inbound, any_port(), any_port())
+            }
         };
         let deadline = Duration::from_secs(20);
         p.inbound = bound_addr(&mut p.child, &p.logs, "listener=\"inbound\"", deadline).await;

@@ -4,13 +4,12 @@
 
 use remora_proto::control::discovery_client::DiscoveryClient;
 use remora_proto::control::{discovery_request::Kind, DiscoveryRequest, Hello};
-use remora_tests::control::ControlProcess;
+use remora_tests::control::{ControlProcess, Tokens};
 use remora_tests::upstream::{Behavior, Upstream};
 use remora_tests::*;
 use std::process::Command;
 use std::time::Duration;
 
-const BOOTSTRAP: &str = "tls-bootstrap";
 const ADMIN: &str = "tls-admin-token";
 const MESH: &str = "\
 kind: Service
@@ -39,7 +38,7 @@ impl Tls {
             TempDir::new("cptls-state"),
             TempDir::new("cptls-secrets"),
         );
-        secrets.write("bootstrap", BOOTSTRAP);
+        Tokens::new(&secrets);
         secrets.write("admin", ADMIN);
         secrets.write("wrong-admin", "not-the-token");
         secrets.write("mesh.yaml", MESH);
@@ -57,10 +56,7 @@ impl Tls {
         secrets: &TempDir,
         addr: std::net::SocketAddr,
     ) -> ControlProcess {
-        let (b, a) = (
-            secrets.path().join("bootstrap"),
-            secrets.path().join("admin"),
-        );
+        let (b, a) = (secrets.path().join("tokens"), secrets.path().join("admin"));
         ControlProcess::spawn_with(
             addr,
             data,
@@ -69,7 +65,7 @@ impl Tls {
                 "--tls",
                 "--trust-domain",
                 "mesh.test",
-                "--bootstrap-token-file",
+                "--bootstrap-tokens",
                 b.to_str().unwrap(),
                 "--admin-token-file",
                 a.to_str().unwrap(),
@@ -103,6 +99,7 @@ impl Tls {
     }
 
     fn sidecar(&self, node: &str, service: &str, ca: &str) -> ProxyBuilder {
+        let token = Tokens::at(&self.secrets).token_for("default", service);
         ProxyBuilder::new()
             .control_plane(&self.url(), node, &self.state)
             .arg("--control-plane-ca")
@@ -110,7 +107,7 @@ impl Tls {
             .arg("--service")
             .arg(service)
             .arg("--bootstrap-token-file")
-            .arg(&self.secrets.path().join("bootstrap").display().to_string())
+            .arg(token.to_str().unwrap())
     }
 
     fn cp_logs(&self) -> String {
@@ -167,7 +164,7 @@ async fn control_plane_serves_tls_and_authenticates_admin_and_discovery() {
     // Before their first certificate they opened Discovery with the token.
     assert!(logs_with(&t.cp.logs, &["credential=bootstrap token"])
         .await
-        .contains("credential=bootstrap token"));
+        .contains("credential=bootstrap token identity=default/web"));
 
     // Once they have certificates, they present them: a restarted control
     // plane sees workload identities.
@@ -189,8 +186,8 @@ async fn control_plane_serves_tls_and_authenticates_admin_and_discovery() {
         Duration::from_secs(20),
         || async {
             let logs = t.cp_logs();
-            logs.contains("credential=spiffe://mesh.test/ns/default/sa/web")
-                && logs.contains("credential=spiffe://mesh.test/ns/default/sa/api")
+            logs.contains("credential=certificate identity=default/web")
+                && logs.contains("credential=certificate identity=default/api")
         },
     )
     .await;
@@ -249,7 +246,7 @@ fn other_root_pem() -> String {
 #[tokio::test]
 async fn control_plane_renews_its_own_certificate_in_place() {
     let data = TempDir::new("cptls-renew");
-    let token = data.write("bootstrap", BOOTSTRAP);
+    let token = Tokens::new(&data).file();
     let cp = ControlProcess::spawn_with(
         any_port(),
         &data,
@@ -258,7 +255,7 @@ async fn control_plane_renews_its_own_certificate_in_place() {
             "--tls",
             "--server-cert-lifetime",
             "2s",
-            "--bootstrap-token-file",
+            "--bootstrap-tokens",
             token.to_str().unwrap(),
         ],
     )
@@ -304,7 +301,7 @@ fn tls_without_bootstrap_tokens_is_refused_at_start() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--tls needs --bootstrap-token-file"), "{err}");
+    assert!(err.contains("--tls needs a token reviewer"), "{err}");
     assert!(
         !data.path().join("ca").exists(),
         "it failed before writing anything"

@@ -5,14 +5,13 @@
 //! virtual IP or B's address with no proxy settings and no Host rewriting.
 //! Needs root, `ip` and `iptables` (SKIPPED otherwise; CI runs them).
 
-use remora_tests::control::ControlProcess;
+use remora_tests::control::{ControlProcess, Tokens};
 use remora_tests::netns::{self, testapp, Net, Pod, PodProcess, PROXY_UID};
 use remora_tests::upstream::{Behavior, Upstream};
 use remora_tests::*;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-const TOKEN: &str = "intercept-bootstrap";
 const WEB_ID: &str = "spiffe://mesh.test/ns/default/sa/web";
 /// api's virtual IP: no interface has it; only interception makes it work.
 const API_VIP: &str = "10.96.0.20";
@@ -175,29 +174,37 @@ impl Pods {
             TempDir::new("icpt-state"),
             TempDir::new("icpt-secrets"),
         );
-        let token = secrets.write("token", &format!("{TOKEN}\n"));
-        let token = token.to_str().unwrap().to_string();
+        // The control plane over TLS on the host's address, one bootstrap
+        // token per identity; its root copied where the sidecars (uid 2102)
+        // may read it.
+        let tokens = Tokens::new(&secrets);
+        let tokens_file = tokens.file();
         let cp = ControlProcess::start_with(
             SocketAddr::from((net.host_ip(), 0)),
             &data,
             "30s",
             &[
-                "--bootstrap-token-file",
-                &token,
+                "--tls",
+                "--bootstrap-tokens",
+                tokens_file.to_str().unwrap(),
                 "--trust-domain",
                 "mesh.test",
             ],
         )
         .await;
+        let root = secrets.write("root.pem", cp.ca_pem.as_deref().unwrap());
         cp.apply(&mesh_yaml(WEB_ID)).await.unwrap();
         let sidecar = |pod: &Pod, service: &str| {
+            let token = tokens.token_for("default", service);
             ProxyBuilder::new()
                 .control_plane(&cp.url(), service, &state)
                 .in_pod(pod, PROXY_UID)
+                .arg("--control-plane-ca")
+                .arg(root.to_str().unwrap())
                 .arg("--service")
                 .arg(service)
                 .arg("--bootstrap-token-file")
-                .arg(&token)
+                .arg(token.to_str().unwrap())
                 .arg("--advertise-addr")
                 .arg(&pod.addr(netns::POD_INBOUND_PORT).to_string())
                 .arg("--detect-timeout")

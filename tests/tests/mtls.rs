@@ -3,7 +3,7 @@
 //! clients (rustls, openssl s_client) knocking on a Strict inbound port.
 
 use remora_proxy::tls::SpiffeServerVerifier;
-use remora_tests::control::ControlProcess;
+use remora_tests::control::{ControlProcess, Tokens};
 use remora_tests::upstream::{Behavior, Upstream};
 use remora_tests::*;
 use rustls::pki_types::pem::PemObject;
@@ -17,7 +17,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-const TOKEN: &str = "mtls-bootstrap";
 const API_ID: &str = "spiffe://mesh.test/ns/default/sa/api";
 const WEB_ID: &str = "spiffe://mesh.test/ns/default/sa/web";
 
@@ -46,7 +45,8 @@ struct Mesh {
     data: TempDir,
     state: TempDir,
     secrets: TempDir,
-    token: String,
+    /// One bootstrap token per identity (--bootstrap-tokens).
+    tokens: Tokens,
     cp: ControlProcess,
     lifetime: String,
     /// The control plane serves TLS (--tls); sidecars verify it.
@@ -54,8 +54,10 @@ struct Mesh {
 }
 
 impl Mesh {
+    /// The control plane over TLS, as in production: proxies send their
+    /// bootstrap token only to an https control plane.
     async fn start(lifetime: &str) -> Mesh {
-        Self::start_with(lifetime, false).await
+        Self::start_with(lifetime, true).await
     }
 
     async fn start_with(lifetime: &str, tls: bool) -> Mesh {
@@ -64,18 +66,15 @@ impl Mesh {
             TempDir::new("mtls-state"),
             TempDir::new("mtls-secrets"),
         );
-        let token = secrets
-            .write("token", &format!("{TOKEN}\n"))
-            .display()
-            .to_string();
+        let tokens = Tokens::new(&secrets);
         let tls_flag: &[&str] = if tls { &["--tls"] } else { &[] };
-        let cp = Self::control(any_port(), &data, &token, lifetime, tls_flag).await;
+        let cp = Self::control(any_port(), &data, &tokens, lifetime, tls_flag).await;
         cp.apply(SERVICES).await.unwrap();
         Mesh {
             data,
             state,
             secrets,
-            token,
+            tokens,
             cp,
             lifetime: lifetime.to_string(),
             tls,
@@ -85,13 +84,14 @@ impl Mesh {
     async fn control(
         addr: SocketAddr,
         data: &TempDir,
-        token: &str,
+        tokens: &Tokens,
         lifetime: &str,
         extra: &[&str],
     ) -> ControlProcess {
+        let file = tokens.file();
         let mut flags = vec![
-            "--bootstrap-token-file",
-            token,
+            "--bootstrap-tokens",
+            file.to_str().unwrap(),
             "--cert-lifetime",
             lifetime,
             "--trust-domain",
@@ -111,7 +111,7 @@ impl Mesh {
         if self.tls {
             flags.push("--tls");
         }
-        self.cp = Self::control(addr, &self.data, &self.token, &self.lifetime, &flags).await;
+        self.cp = Self::control(addr, &self.data, &self.tokens, &self.lifetime, &flags).await;
     }
 
     /// A sidecar for `service`, with its identity from the control plane.
@@ -122,15 +122,28 @@ impl Mesh {
         app: Option<SocketAddr>,
         extra: &[&str],
     ) -> ProxyProcess {
+        // Its own identity's token: default/<service>, unless it says
+        // otherwise.
+        let flag = |name: &str| {
+            extra
+                .iter()
+                .position(|a| *a == name)
+                .and_then(|i| extra.get(i + 1).copied())
+        };
+        let ns = flag("--identity-namespace").unwrap_or("default");
+        let sa = flag("--identity-service-account").unwrap_or(service);
+        let token = self.tokens.token_for(ns, sa);
         let mut b = ProxyBuilder::new()
             .control_plane(&self.cp.url(), node, &self.state)
             .arg("--service")
             .arg(service)
             .arg("--bootstrap-token-file")
-            .arg(&self.token);
+            .arg(token.to_str().unwrap());
         if self.tls {
             let root = self.data.path().join("ca/root.pem");
             b = b.arg("--control-plane-ca").arg(root.to_str().unwrap());
+        } else {
+            b = b.arg("--insecure-dev-plaintext");
         }
         if let Some(a) = app {
             b = b.app(a);
@@ -397,15 +410,24 @@ async fn strict_inbound_accepts_only_a_valid_mesh_certificate() {
 async fn outbound_refuses_a_server_with_another_identity() {
     let mesh = Mesh::start("1h").await;
     let app = Upstream::start("api", Behavior::Demo).await;
-    // The instance registers for api but holds the identity of "impostor".
-    let _api = mesh
-        .sidecar(
-            "api-1",
-            "api",
-            Some(app.addr),
-            &["--identity-service-account", "impostor"],
-        )
+    // A proxy of another identity ("impostor", legitimately its own
+    // Service) that api's config lists as a meshed endpoint: the control
+    // plane lets no proxy register under api without api's identity, so
+    // a bad endpoint can only come from config.
+    mesh.cp
+        .apply("kind: Service\nmetadata: {name: impostor}\nspec:\n  ports: [{port: 80}]\n")
+        .await
+        .unwrap();
+    let impostor = mesh
+        .sidecar("impostor-1", "impostor", Some(app.addr), &[])
         .await;
+    let api_with = |sa: &str| {
+        format!(
+            "kind: Service\nmetadata: {{name: api}}\nspec:\n  ports: [{{port: 80}}]\n{sa}  endpoints: [{{address: 127.0.0.1, port: {}, meshed: true}}]\n",
+            impostor.inbound.port()
+        )
+    };
+    mesh.cp.apply(&api_with("")).await.unwrap();
     let web = mesh.sidecar("web-1", "web", None, &[]).await;
     let c = http1_client();
     let o = web.outbound;
@@ -439,7 +461,7 @@ async fn outbound_refuses_a_server_with_another_identity() {
 
     // Once the Service says its workloads run as "impostor", they are it.
     mesh.cp
-        .apply("kind: Service\nmetadata: {name: api}\nspec:\n  ports: [{port: 80}]\n  serviceAccount: impostor\n")
+        .apply(&api_with("  serviceAccount: impostor\n"))
         .await
         .unwrap();
     wait_serving(&web, "api").await;

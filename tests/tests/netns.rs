@@ -222,7 +222,14 @@ async fn a_proxy_in_a_pod_runs_as_its_uid_and_routes_to_another_pod() {
     // The control plane listens in the root namespace, on the host's
     // address; the proxy in A (uid 2102) keeps its state under `state`.
     let data = TempDir::new("netns-cp");
-    let cp = ControlProcess::start_on(SocketAddr::from((net.host_ip(), 0)), &data, "2s").await;
+    // Plaintext on a non-loopback address: a development setup, said so.
+    let cp = ControlProcess::start_with(
+        SocketAddr::from((net.host_ip(), 0)),
+        &data,
+        "2s",
+        &["--insecure-dev-plaintext"],
+    )
+    .await;
     cp.apply(&service_yaml("web", 80, "http", &[b.addr(8080)]))
         .await
         .unwrap();

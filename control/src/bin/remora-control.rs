@@ -4,7 +4,9 @@
 use anyhow::Context;
 use clap::Parser;
 use remora_control::ca::{self, Ca};
-use remora_control::identity::{FileTokenReviewer, IdentityService, TokenReviewer};
+use remora_control::identity::IdentityService;
+use remora_control::kube::{KubeConfig, KubernetesReviewer};
+use remora_control::review::{SharedTokenReviewer, TokenFileReviewer, TokenReviewer};
 use remora_control::{mesh::Mesh, serve, store::FileStore, Security};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -53,11 +55,59 @@ struct Args {
     /// rotation is done (see the README).
     #[arg(long, env = "REMORA_TRUST_BUNDLE")]
     trust_bundle: Option<PathBuf>,
-    /// File holding the token proxies present to get a certificate (read on
-    /// every request, so it can be replaced). Without it no certificate is
-    /// issued.
-    #[arg(long, env = "REMORA_BOOTSTRAP_TOKEN_FILE")]
-    bootstrap_token_file: Option<PathBuf>,
+    /// Bootstrap tokens, one per identity: lines of `namespace/serviceAccount
+    /// sha256:<hex>` (the SHA-256 of the token; `remoractl token` makes
+    /// them). Re-read when it changes. A token gets only its own identity.
+    #[arg(long, env = "REMORA_BOOTSTRAP_TOKENS", group = "reviewer")]
+    bootstrap_tokens: Option<PathBuf>,
+    /// Check proxies' projected service-account tokens with the Kubernetes
+    /// TokenReview API (in a cluster: its address, CA and credentials come
+    /// from the pod's environment).
+    #[arg(long, env = "REMORA_KUBERNETES_TOKEN_REVIEW", group = "reviewer")]
+    kubernetes_token_review: bool,
+    /// The Kubernetes API server [default: https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT].
+    #[arg(long, env = "REMORA_KUBE_API", requires = "kubernetes_token_review")]
+    kube_api: Option<String>,
+    /// The cluster CA that verifies the API server.
+    #[arg(
+        long,
+        env = "REMORA_KUBE_CA_FILE",
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+    )]
+    kube_ca_file: PathBuf,
+    /// The control plane's own service-account token, for the API server.
+    #[arg(
+        long,
+        env = "REMORA_KUBE_TOKEN_FILE",
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    )]
+    kube_token_file: PathBuf,
+    /// The audience proxies' tokens must be issued for.
+    #[arg(long, env = "REMORA_TOKEN_AUDIENCE", default_value = "remora")]
+    token_audience: String,
+    /// INSECURE: one token, in this file, for every identity: whoever holds
+    /// it may get a certificate for any namespace and service account. For
+    /// a laptop or a test, never for a mesh with tenants.
+    #[arg(
+        long,
+        env = "REMORA_INSECURE_SHARED_BOOTSTRAP_TOKEN_FILE",
+        group = "reviewer"
+    )]
+    insecure_shared_bootstrap_token_file: Option<PathBuf>,
+    /// Most client connections (proxies, remoractl) open at once; past it,
+    /// accepting pauses.
+    #[arg(long, env = "REMORA_CONTROL_MAX_CONNECTIONS", default_value_t = 20_000)]
+    max_connections: usize,
+    /// Longest a proxy may take to send its Hello on a new Discovery stream.
+    #[arg(long, env = "REMORA_HELLO_TIMEOUT", default_value = "10s", value_parser = remora_proto::duration::parse)]
+    hello_timeout: Duration,
+    /// How long a proxy whose stream ended stays in `remoractl status`.
+    #[arg(long, env = "REMORA_STATUS_RETENTION", default_value = "1h", value_parser = remora_proto::duration::parse)]
+    status_retention: Duration,
+    /// INSECURE: allow serving plaintext gRPC (no --tls) on an address other
+    /// than loopback: a local development setup only.
+    #[arg(long, env = "REMORA_INSECURE_DEV_PLAINTEXT")]
+    insecure_dev_plaintext: bool,
 
     /// Serve gRPC over TLS, with a certificate the CA issues to the control
     /// plane itself for the --server-name names and the --listen IP (when
@@ -101,9 +151,15 @@ async fn main() -> anyhow::Result<()> {
     } else {
         logs.init();
     }
-    if args.tls && args.bootstrap_token_file.is_none() {
+    if args.tls && !has_reviewer(&args) {
         anyhow::bail!(
-            "--tls needs --bootstrap-token-file: Discovery then requires a workload certificate or the bootstrap token, and without tokens no proxy could get either"
+            "--tls needs a token reviewer (--bootstrap-tokens or --kubernetes-token-review): Discovery then requires a workload certificate or a bootstrap credential, and without a reviewer no proxy could get either"
+        );
+    }
+    if !args.tls && !args.listen.ip().is_loopback() && !args.insecure_dev_plaintext {
+        anyhow::bail!(
+            "--listen {}: without --tls the control plane serves loopback only (anyone who reaches it could read the config, register endpoints and change the mesh). Add --tls, listen on 127.0.0.1, or say --insecure-dev-plaintext for a local development setup",
+            args.listen
         );
     }
     let store = FileStore::open(&args.data_dir).context("opening the data directory")?;
@@ -117,10 +173,14 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
     let addr = listener.local_addr().context("listener address")?;
+    mesh.set_status_retention(args.status_retention);
     let mut security = Security {
         discovery_reviewer: pki.reviewer.clone(),
         admin_token_file: args.admin_token_file.clone(),
         tls: None,
+        trust_domain: args.trust_domain.clone(),
+        max_connections: args.max_connections,
+        hello_timeout: args.hello_timeout,
     };
     match &args.admin_token_file {
         Some(f) => {
@@ -150,7 +210,7 @@ async fn main() -> anyhow::Result<()> {
         info!(names = ?args.server_name, ips = ?ips, lifetime = ?args.server_cert_lifetime, "serving gRPC over TLS (certificate renewed at ~70% of its lifetime)");
         security.tls = Some(serving);
     } else {
-        warn!("no --tls: gRPC is plaintext, and Discovery is open to anyone who reaches {addr}");
+        warn!(%addr, "no --tls: gRPC is plaintext; Discovery (config, instance registration) and Identity are unauthenticated and bootstrap tokens cross in the clear: anyone who reaches this address can read the mesh's config and register endpoints");
     }
     info!(%addr, data_dir = %args.data_dir.display(), "control plane listening");
     // Graceful shutdown waits for open streams, and a proxy's Discovery
@@ -188,18 +248,56 @@ struct Pki {
     reviewer: Option<Arc<dyn TokenReviewer>>,
 }
 
+fn has_reviewer(args: &Args) -> bool {
+    args.bootstrap_tokens.is_some()
+        || args.kubernetes_token_review
+        || args.insecure_shared_bootstrap_token_file.is_some()
+}
+
+/// Who may get which identity (the flags are exclusive).
+fn reviewer(args: &Args) -> anyhow::Result<Option<Arc<dyn TokenReviewer>>> {
+    if let Some(path) = &args.bootstrap_tokens {
+        let r = TokenFileReviewer::open(path)
+            .map_err(|e| anyhow::anyhow!("--bootstrap-tokens: {e}"))?;
+        return Ok(Some(Arc::new(r)));
+    }
+    if args.kubernetes_token_review {
+        let api = match &args.kube_api {
+            Some(a) => a.clone(),
+            None => {
+                let host = std::env::var("KUBERNETES_SERVICE_HOST").context(
+                    "--kubernetes-token-review outside a cluster needs --kube-api ($KUBERNETES_SERVICE_HOST is not set)",
+                )?;
+                let port =
+                    std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or_else(|_| "443".into());
+                if host.contains(':') {
+                    format!("https://[{host}]:{port}")
+                } else {
+                    format!("https://{host}:{port}")
+                }
+            }
+        };
+        let r = KubernetesReviewer::new(KubeConfig {
+            api,
+            ca_file: args.kube_ca_file.clone(),
+            token_file: args.kube_token_file.clone(),
+            audience: args.token_audience.clone(),
+        })
+        .map_err(|e| anyhow::anyhow!("--kubernetes-token-review: {e}"))?;
+        return Ok(Some(Arc::new(r)));
+    }
+    if let Some(path) = &args.insecure_shared_bootstrap_token_file {
+        let r = SharedTokenReviewer::open(path)
+            .map_err(|e| anyhow::anyhow!("--insecure-shared-bootstrap-token-file: {e}"))?;
+        warn!("INSECURE: one bootstrap token for every identity (--insecure-shared-bootstrap-token-file): whoever holds it can get a certificate for any workload");
+        return Ok(Some(Arc::new(r)));
+    }
+    warn!("no token reviewer (--bootstrap-tokens or --kubernetes-token-review): proxies will be refused certificates");
+    Ok(None)
+}
+
 fn identity(args: &Args) -> anyhow::Result<Pki> {
-    let reviewer = match &args.bootstrap_token_file {
-        Some(path) => {
-            let r = FileTokenReviewer::open(path)
-                .map_err(|e| anyhow::anyhow!("--bootstrap-token-file: {e}"))?;
-            Some(Arc::new(r) as Arc<dyn TokenReviewer>)
-        }
-        None => {
-            warn!("no --bootstrap-token-file: proxies will be refused certificates");
-            None
-        }
-    };
+    let reviewer = reviewer(args)?;
     let settings = ca::Settings {
         trust_domain: args.trust_domain.clone(),
         lifetime: args.cert_lifetime,

@@ -192,6 +192,21 @@ enum Command {
         file: FileArg,
     },
 
+    /// Make a bootstrap token for one identity (offline; outside Kubernetes).
+    ///
+    /// Prints a new random token on stdout: give it to the workload's proxy
+    /// (--bootstrap-token-file). The control plane keeps only its SHA-256
+    /// (--bootstrap-tokens): the line is appended to --tokens-file, or
+    /// printed on stderr. The token gets a certificate for this identity
+    /// only; deleting its line revokes it.
+    Token {
+        /// NAMESPACE/SERVICEACCOUNT the token is for.
+        identity: String,
+        /// The control plane's tokens file, to append the line to.
+        #[arg(long, value_name = "FILE")]
+        tokens_file: Option<PathBuf>,
+    },
+
     /// Add the Remora sidecar to Kubernetes workloads (offline).
     ///
     /// Reads Kubernetes manifests and writes them to stdout with every pod
@@ -256,6 +271,10 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Check { file } => commands::check(&file.file),
+        Command::Token {
+            identity,
+            tokens_file,
+        } => cli::token::run(&identity, tokens_file.as_deref()),
         Command::Inject {
             file,
             control_plane,
@@ -319,7 +338,7 @@ fn run_remote(ctx: &Ctx, command: Command) -> Result<u8, Failure> {
                 commands::rollback(ctx, version, commands::author(author.author)).await
             }
             Command::Status => commands::status(ctx).await,
-            Command::Check { .. } | Command::Inject { .. } => {
+            Command::Check { .. } | Command::Inject { .. } | Command::Token { .. } => {
                 Err(Failure::usage("offline commands do not run remotely"))
             }
         }

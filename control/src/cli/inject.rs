@@ -763,8 +763,9 @@ fn proxy_container(opts: &Options, sidecar: &Sidecar) -> Value {
 type MovedProbes = BTreeMap<String, serde_json::Value>;
 
 /// The longest probe timeout the sidecar takes (REMORA_APP_PROBES'
-/// `timeoutSeconds`); longer ones are cut to it.
-const MAX_PROBE_TIMEOUT_SECONDS: u64 = 3600;
+/// `timeoutSeconds`, as proxy/src/admin/app_probes.rs accepts it); longer
+/// ones are cut to it.
+const MAX_PROBE_TIMEOUT_SECONDS: u64 = 600;
 
 /// Points the HTTP and TCP probes of the app containers (and of the pod's
 /// own native sidecars, which are probed too) at the sidecar's admin port,
