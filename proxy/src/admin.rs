@@ -2,21 +2,33 @@
 //! app's kubelet probes under /app-health/ (`app_probes`). It runs on its
 //! own thread and runtime so a saturated data plane never starves health
 //! checks or metric scrapes.
+//!
+//! Probes and metrics are open to whoever reaches the port (the kubelet,
+//! Prometheus); /config and POST /shutdown answer only on loopback or with
+//! the admin token (`access`). The listener is bounded like the data
+//! plane's: a connection cap, a header-read timeout, a connection age, and
+//! back-off when accepting fails.
 
+mod access;
 mod app_probes;
 
+pub use access::{AdminAccess, Granted, Refusal};
 pub use app_probes::{AppProbe, AppProbes, AppProbesError, Check, Outcome};
 
 use crate::body::Body;
+use crate::metrics::ListenerLabels;
 use crate::proxy::Proxy;
 use http::{header, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use std::convert::Infallible;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpStream;
 use tokio::sync::{watch, Semaphore};
 use tracing::{debug, info, warn};
 
@@ -27,15 +39,40 @@ pub struct AdminState {
     pub shutdown: Arc<watch::Sender<bool>>,
     /// The app's probes this server answers (REMORA_APP_PROBES).
     pub app_probes: AppProbes,
+    /// `--admin-token-file`: the token /config and POST /shutdown need
+    /// from off loopback. Without it only loopback may call them.
+    pub admin_token_file: Option<PathBuf>,
 }
 
 /// App probes running at once; past it, a probe is answered 503 at once.
 /// The kubelet sends one at a time per probe, so only a flood hits this.
 const MAX_APP_PROBES_IN_FLIGHT: usize = 32;
 
+/// Admin connections open at once. Probes and scrapes need a handful;
+/// past it the listener stops accepting (the kernel backlog holds the
+/// rest) instead of taking a file descriptor per attacker.
+const MAX_CONNECTIONS: usize = 64;
+/// A request head must arrive whole within this, counted from when the
+/// connection starts waiting for it: a slowloris client is cut, and so is
+/// a keep-alive connection idle for as long.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest request head read, bytes.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// After this a connection takes no new request; it is closed once the
+/// one in flight is answered.
+const MAX_CONNECTION_AGE: Duration = Duration::from_secs(60);
+/// How long past its age a connection may still be answering (plus the
+/// longest app probe) before it is cut: a client that never reads.
+const CLOSE_GRACE: Duration = Duration::from_secs(10);
+/// Waits after a failed accept (EMFILE and friends): the first, and the
+/// longest, doubling between them, so a persistent error neither spins
+/// nor leaves the port unserved for long once it clears.
+const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(1));
+
 /// The admin server's state, and what it needs to probe the app.
 struct Admin {
     state: AdminState,
+    access: AdminAccess,
     /// Where the app's probes go: the pod's IP ($POD_IP), where the
     /// kubelet would have reached the app, or 127.0.0.1.
     app_ip: IpAddr,
@@ -52,8 +89,11 @@ pub fn spawn(listener: std::net::TcpListener, state: AdminState) -> std::io::Res
     if !state.app_probes.is_empty() {
         info!(probes = state.app_probes.len(), %app_ip, "answering the app's probes under /app-health/");
     }
+    let access = AdminAccess::new(state.admin_token_file.clone());
+    access.warn_if_unusable();
     let admin = Admin {
         state,
+        access,
         app_ip,
         app_probe_permits: Semaphore::new(MAX_APP_PROBES_IN_FLIGHT),
     };
@@ -78,6 +118,8 @@ fn app_ip(pod_ip: Option<&str>) -> IpAddr {
     }
 }
 
+/// Accepts for as long as the process runs: the admin port answers
+/// (/ready says "draining") until the data plane has drained.
 async fn serve(listener: std::net::TcpListener, admin: Arc<Admin>) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
@@ -86,20 +128,78 @@ async fn serve(listener: std::net::TcpListener, admin: Arc<Admin>) {
     if let Ok(addr) = listener.local_addr() {
         info!(listener = "admin", %addr, "listening");
     }
+    let metrics = &admin.state.proxy.metrics;
+    let labels = ListenerLabels { listener: "admin" };
+    let active = metrics.connections_active.get_or_create_owned(&labels);
+    let total = metrics.connections_total.get_or_create_owned(&labels);
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut backoff = ACCEPT_BACKOFF.0;
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        // At the cap, wait for a connection to close before accepting.
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
         };
-        let admin = admin.clone();
+        let (stream, peer) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                // Out of file descriptors, say: the pending connection
+                // stays queued and accept fails again at once, so wait.
+                if backoff == ACCEPT_BACKOFF.0 {
+                    warn!(listener = "admin", error = %e, "accept failed; backing off");
+                } else {
+                    debug!(listener = "admin", error = %e, ?backoff, "accept failed again");
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF.1);
+                continue;
+            }
+        };
+        backoff = ACCEPT_BACKOFF.0;
+        total.inc();
+        active.inc();
+        let (admin, active) = (admin.clone(), active.clone());
         tokio::spawn(async move {
-            let svc = service_fn(move |req| {
-                let admin = admin.clone();
-                async move { Ok::<_, Infallible>(route(&admin, req).await) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            connection(admin, stream, peer).await;
+            active.dec();
+            drop(permit);
         });
+    }
+}
+
+/// Serves one admin connection within its bounds: the header-read
+/// timeout, then its age, then a grace for the answer in flight.
+async fn connection(admin: Arc<Admin>, stream: TcpStream, peer: SocketAddr) {
+    let grace = CLOSE_GRACE + admin.state.app_probes.longest_timeout();
+    // Set by POST /shutdown; the drain starts once its answer is sent,
+    // so a quick exit cannot cut the answer off.
+    let shutdown_asked = Arc::new(AtomicBool::new(false));
+    let svc = service_fn({
+        let (admin, asked) = (admin.clone(), shutdown_asked.clone());
+        move |req| {
+            let (admin, asked) = (admin.clone(), asked.clone());
+            async move { Ok::<_, Infallible>(route(&admin, peer, req, &asked).await) }
+        }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .serve_connection(TokioIo::new(stream), svc);
+    tokio::pin!(conn);
+    let ended = tokio::select! {
+        res = conn.as_mut() => Some(res),
+        _ = tokio::time::sleep(MAX_CONNECTION_AGE) => {
+            conn.as_mut().graceful_shutdown();
+            tokio::time::timeout(grace, conn.as_mut()).await.ok()
+        }
+    };
+    match ended {
+        None => debug!(%peer, "admin connection cut: still answering past its age"),
+        Some(Err(e)) => debug!(%peer, error = %e, "admin connection ended with an error"),
+        Some(Ok(())) => {}
+    }
+    if shutdown_asked.load(Relaxed) {
+        admin.state.shutdown.send_replace(true);
     }
 }
 
@@ -113,11 +213,37 @@ fn text(status: StatusCode, body: impl Into<bytes::Bytes>) -> Response<Body> {
     r
 }
 
-async fn route(admin: &Admin, req: Request<Incoming>) -> Response<Body> {
+async fn route(
+    admin: &Admin,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+    shutdown_asked: &AtomicBool,
+) -> Response<Body> {
     if req.method() == Method::GET && req.uri().path().starts_with(app_probes::PATH_PREFIX) {
         return app_health(admin, &req).await;
     }
-    handle(&admin.state, req)
+    // The running config and the off switch: loopback or the admin token.
+    if let Some(path) = privileged(req.method(), req.uri().path()) {
+        match admin.access.check(peer.ip(), req.headers()) {
+            Ok(granted) => debug!(%peer, path, ?granted, "admin call allowed"),
+            Err(refusal) => {
+                info!(%peer, path, reason = %refusal, "admin call refused");
+                admin.state.proxy.metrics.admin_refused(path);
+                return text(StatusCode::FORBIDDEN, format!("forbidden: {refusal}\n"));
+            }
+        }
+    }
+    handle(&admin.state, peer, req, shutdown_asked)
+}
+
+/// The endpoint a privileged call is for, as a metric label; `None` for
+/// the open ones.
+fn privileged(method: &Method, path: &str) -> Option<&'static str> {
+    match (method, path) {
+        (&Method::GET, "/config") => Some("/config"),
+        (&Method::POST, "/shutdown") => Some("/shutdown"),
+        _ => None,
+    }
 }
 
 /// `GET /app-health/...`: one of the app's kubelet probes, run against the
@@ -152,7 +278,12 @@ fn empty(status: StatusCode) -> Response<Body> {
     r
 }
 
-fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Body> {
+fn handle(
+    state: &AdminState,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+    shutdown_asked: &AtomicBool,
+) -> Response<Body> {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
         (&Method::GET, "/ready") => {
@@ -199,9 +330,15 @@ fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Body> {
             r
         }
         (&Method::POST, "/shutdown") => {
-            info!("shutdown requested on the admin API");
-            state.shutdown.send_replace(true);
-            text(StatusCode::OK, "draining\n")
+            info!(%peer, "shutdown requested on the admin API");
+            // The connection closes after this answer, then the drain starts.
+            shutdown_asked.store(true, Relaxed);
+            let mut r = text(StatusCode::OK, "draining\n");
+            r.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
+            r
         }
         _ => text(
             StatusCode::NOT_FOUND,
@@ -213,6 +350,22 @@ fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_config_and_shutdown_are_privileged() {
+        assert_eq!(privileged(&Method::GET, "/config"), Some("/config"));
+        assert_eq!(privileged(&Method::POST, "/shutdown"), Some("/shutdown"));
+        // Probes and scrapes stay open to the kubelet and Prometheus.
+        for (method, path) in [
+            (Method::GET, "/live"),
+            (Method::GET, "/ready"),
+            (Method::GET, "/metrics"),
+            (Method::GET, "/app-health/app/readyz"),
+            (Method::GET, "/shutdown"),
+        ] {
+            assert_eq!(privileged(&method, path), None, "{method} {path}");
+        }
+    }
 
     #[test]
     fn app_probes_go_to_the_pod_ip_or_loopback() {

@@ -150,6 +150,12 @@ struct Args {
     /// Admin listener: /live /ready /metrics /config /shutdown.
     #[arg(long, env = "REMORA_ADMIN_ADDR", default_value = "0.0.0.0:4191")]
     admin_addr: SocketAddr,
+    /// File holding the token /config and POST /shutdown need from off
+    /// loopback (Authorization: Bearer <token>); read at each call, so
+    /// replacing it rotates the token. Without it, or while it is empty or
+    /// unreadable, only loopback may call them.
+    #[arg(long, env = "REMORA_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
     /// The app's kubelet probes, answered on the admin port under
     /// /app-health/: JSON from path to {"httpGet": {...}} or {"tcpSocket":
     /// {...}} (`remoractl inject` writes it).
@@ -503,6 +509,7 @@ fn run(args: Args) -> Result<()> {
             ready: ready.clone(),
             shutdown: shutdown_tx.clone(),
             app_probes,
+            admin_token_file: args.admin_token_file.clone(),
         },
     )?;
 

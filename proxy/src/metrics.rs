@@ -104,6 +104,12 @@ pub struct AppProbeLabels {
     pub result: &'static str,
 }
 
+/// A privileged admin endpoint: /config or /shutdown.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AdminPathLabels {
+    pub path: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
     pub direction: &'static str,
@@ -144,6 +150,7 @@ pub struct Metrics {
     pub plaintext_refused: Counter,
     pub authz_decisions: Family<AuthzLabels, Counter>,
     pub app_probes: Family<AppProbeLabels, Counter>,
+    pub admin_refused: Family<AdminPathLabels, Counter>,
 }
 
 impl Metrics {
@@ -294,6 +301,15 @@ impl Metrics {
             "The app's kubelet probes answered on the admin port (/app-health/...), by probe path and result (pass, fail, timeout, error, overloaded)",
             app_probes.clone(),
         );
+        let admin_refused = Family::<AdminPathLabels, Counter>::default();
+        registry.register(
+            "admin_refused",
+            "Calls to the admin port's /config and POST /shutdown refused: not from loopback and without the admin token, by path",
+            admin_refused.clone(),
+        );
+        for path in ["/config", "/shutdown"] {
+            let _ = admin_refused.get_or_create(&AdminPathLabels { path });
+        }
         Arc::new(Metrics {
             registry,
             requests,
@@ -320,6 +336,7 @@ impl Metrics {
             plaintext_refused,
             authz_decisions,
             app_probes,
+            admin_refused,
         })
     }
 
@@ -399,6 +416,12 @@ impl Metrics {
                 probe: probe.to_string(),
                 result,
             })
+            .inc();
+    }
+
+    pub fn admin_refused(&self, path: &'static str) {
+        self.admin_refused
+            .get_or_create(&AdminPathLabels { path })
             .inc();
     }
 

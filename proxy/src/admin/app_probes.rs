@@ -103,6 +103,16 @@ impl AppProbes {
     pub fn len(&self) -> usize {
         self.by_path.len()
     }
+
+    /// The longest any probe may take (zero without probes): how long an
+    /// admin connection may be busy with one.
+    pub fn longest_timeout(&self) -> Duration {
+        self.by_path
+            .values()
+            .map(|p| p.timeout)
+            .max()
+            .unwrap_or_default()
+    }
 }
 
 fn parse_path(path: &str) -> Result<(), String> {
@@ -396,6 +406,8 @@ mod tests {
                 timeout: DEFAULT_TIMEOUT,
             })
         );
+        assert_eq!(probes.longest_timeout(), DEFAULT_TIMEOUT);
+        assert_eq!(AppProbes::default().longest_timeout(), Duration::ZERO);
     }
 
     #[test]
