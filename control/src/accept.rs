@@ -3,6 +3,7 @@
 //! instead of taking every socket an attacker opens. Each connection holds
 //! its place until it closes.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -13,12 +14,19 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
-use tracing::warn;
+use tracing::{debug, warn};
+
+/// How long a connection may stay silent after it is accepted (and after
+/// its TLS handshake): a client that never speaks must not keep its place.
+/// Once HTTP/2 is up, its keep-alive pings notice a dead peer.
+pub const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A connection holding its place under the cap.
 pub struct Capped<T> {
     inner: T,
     _permit: OwnedSemaphorePermit,
+    /// Until the first bytes arrive: when to give up on them.
+    first: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<T> Capped<T> {
@@ -26,6 +34,7 @@ impl<T> Capped<T> {
         Capped {
             inner,
             _permit: permit,
+            first: Some(Box::pin(tokio::time::sleep(FIRST_BYTES_TIMEOUT))),
         }
     }
 }
@@ -44,7 +53,28 @@ impl<T: AsyncRead + Unpin> AsyncRead for Capped<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let Some(first) = self.first.as_mut() else {
+            return polled;
+        };
+        match polled {
+            Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                self.first = None;
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => match first.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    debug!("closed a connection that sent nothing within {FIRST_BYTES_TIMEOUT:?}");
+                    Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "nothing received after the connection was accepted",
+                    )))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+            other => other,
+        }
     }
 }
 

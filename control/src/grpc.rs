@@ -3,7 +3,7 @@
 
 use crate::admission::Caller;
 use crate::mesh::Mesh;
-use crate::review::{TokenReviewer, Workload};
+use crate::review::{ReviewError, TokenReviewer, Workload};
 use crate::store::Store;
 use futures_util::Stream;
 use remora_proto::control::admin_server::Admin;
@@ -84,7 +84,14 @@ impl DiscoveryAuth {
         reviewer
             .review(token, workload)
             .await
-            .map_err(|e| Status::unauthenticated(format!("bootstrap token refused: {e}")))?;
+            .map_err(|e| match e {
+                ReviewError::Denied(m) => {
+                    Status::unauthenticated(format!("bootstrap token refused: {m}"))
+                }
+                ReviewError::Unavailable(m) => {
+                    Status::unavailable(format!("the bootstrap token cannot be checked now: {m}"))
+                }
+            })?;
         let caller = Caller {
             namespace: ns.to_string(),
             service_account: sa.to_string(),
@@ -247,6 +254,14 @@ impl<S: Store> Discovery for DiscoveryService<S> {
                     Ok(Some(DiscoveryRequest {
                         kind: Some(Kind::Deregister(_)),
                     })) => mesh.deregister(&n),
+                    Ok(Some(DiscoveryRequest {
+                        kind: Some(Kind::Register(r)),
+                    })) => {
+                        let Some(instance) = r.instance else { continue };
+                        if let Err(refused) = mesh.register(&n, conn, instance) {
+                            warn!(node = n, reason = %refused, "registration refused");
+                        }
+                    }
                     Ok(Some(_)) => {}
                     Ok(None) | Err(_) => break,
                 }
@@ -363,7 +378,6 @@ impl<S: Store> Admin for AdminService<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::review::ReviewError;
     use std::sync::Mutex;
 
     /// Accepts one token and records whom it was asked about.

@@ -507,8 +507,10 @@ impl<S: Store> Mesh<S> {
         let mut st = self.lock();
         st.next_conn += 1;
         let conn = st.next_conn;
+        let kept = st.instances.get(node).filter(|(s, _)| s == service);
         let inst = instance
             .as_ref()
+            .or(kept.map(|(_, i)| i))
             .map(|i| format!("{}:{}", i.address, i.port))
             .unwrap_or_default();
         st.prune(self.retention.load(Relaxed));
@@ -532,12 +534,19 @@ impl<S: Store> Mesh<S> {
                 gone_since: None,
             },
         );
+        // A Hello without an instance keeps what the node registered before
+        // (a proxy reconnecting after a control-plane restart registers
+        // again once it can serve; its endpoint must not blink meanwhile),
+        // unless it now fronts another Service.
         let changed = match instance {
             Some(i) if !service.is_empty() => {
                 let entry = (service.to_string(), i);
                 st.instances.insert(node.to_string(), entry.clone()) != Some(entry)
             }
-            _ => st.instances.remove(node).is_some(),
+            _ => match st.instances.get(node) {
+                Some((s, _)) if s != service => st.instances.remove(node).is_some(),
+                _ => false,
+            },
         };
         let scope = st.scope_of(service);
         let rx = st.scope(&scope);
@@ -568,6 +577,34 @@ impl<S: Store> Mesh<S> {
             p.status.nacked_version = version.to_string();
             p.status.nack_error = error.to_string();
         }
+    }
+
+    /// The proxy can serve now: registers its instance (checked like
+    /// config) under the Service its Hello named.
+    pub fn register(
+        &self,
+        node: &str,
+        conn: u64,
+        instance: Instance,
+    ) -> Result<(), crate::admission::Refused> {
+        crate::admission::check_instance(&instance).map_err(crate::admission::Refused::Invalid)?;
+        let mut st = self.lock();
+        let Some(p) = st.proxies.get_mut(node).filter(|p| p.conn == conn) else {
+            return Ok(());
+        };
+        let service = p.status.service.clone();
+        if service.is_empty() {
+            return Err(crate::admission::Refused::Invalid(
+                "Register without a Service in the Hello".into(),
+            ));
+        }
+        p.status.instance = format!("{}:{}", instance.address, instance.port);
+        let entry = (service, instance);
+        if st.instances.insert(node.to_string(), entry.clone()) != Some(entry) {
+            info!(node, "instance registered");
+            st.instances_changed();
+        }
+        Ok(())
     }
 
     /// The proxy says its instance is going away.

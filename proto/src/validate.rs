@@ -17,6 +17,33 @@ pub const MAX_REGEX_BYTES: usize = 1 << 20;
 
 /// Declared port protocols; an empty one is detected per connection.
 pub const PROTOCOLS: &[&str] = &["http", "http2", "grpc", "tcp"];
+/// MeshConfig encodedSlashes values.
+pub const ENCODED_SLASHES: &[&str] = &["Reject", "PassThrough"];
+/// Most extra upgrade protocols a rule may allow.
+pub const MAX_UPGRADES: usize = 8;
+/// Headers the client identity header may not be: they mean something to
+/// HTTP or to the proxy, and setting them would change the request.
+pub const RESERVED_HEADERS: &[&str] = &[
+    "host",
+    "content-length",
+    "content-type",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "upgrade",
+    "te",
+    "trailer",
+    "expect",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "authorization",
+    "cookie",
+    "forwarded",
+    "x-forwarded-for",
+    "x-remora-orig-proto",
+];
+
 /// Most virtual addresses a Service may have.
 pub const MAX_ADDRESSES: usize = 16;
 /// MeshConfig outboundTrafficPolicy values.
@@ -278,6 +305,13 @@ impl Validator {
                     format!("{policy:?} is not one of {}", OUTBOUND_POLICIES.join(", ")),
                 );
             }
+            let slashes = spec.encoded_slashes.as_str();
+            if !slashes.is_empty() && !ENCODED_SLASHES.contains(&slashes) {
+                self.err(
+                    "encodedSlashes",
+                    format!("{slashes:?} is not one of {}", ENCODED_SLASHES.join(", ")),
+                );
+            }
         }
     }
 
@@ -489,6 +523,16 @@ impl Validator {
             if !m.client_identity_header.is_empty() {
                 if let Err(e) = header_name(&m.client_identity_header) {
                     self.err("mtls.clientIdentityHeader", e);
+                } else if RESERVED_HEADERS
+                    .contains(&m.client_identity_header.to_ascii_lowercase().as_str())
+                {
+                    self.err(
+                        "mtls.clientIdentityHeader",
+                        format!(
+                            "{:?} means something to HTTP or to the proxy; choose another name (e.g. x-client-id)",
+                            m.client_identity_header
+                        ),
+                    );
                 }
             }
         }
@@ -604,6 +648,28 @@ impl Validator {
             }
             if let Some(retry) = &rule.retry {
                 self.retry(&format!("{f}.retry"), retry);
+            }
+            if rule.allowed_upgrades.len() > MAX_UPGRADES {
+                self.err(
+                    format!("{f}.allowedUpgrades"),
+                    format!("at most {MAX_UPGRADES} protocols"),
+                );
+            }
+            for (u, proto) in rule.allowed_upgrades.iter().enumerate() {
+                let uf = format!("{f}.allowedUpgrades[{u}]");
+                let token = !proto.is_empty()
+                    && proto.len() <= 64
+                    && proto
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~/".contains(&b));
+                if !token {
+                    self.err(uf, format!("{proto:?} is not a protocol name"));
+                } else if proto.eq_ignore_ascii_case("h2c") {
+                    self.err(
+                        uf,
+                        "h2c is never forwarded: an h2c tunnel would carry requests past routing, authorization and rate limits",
+                    );
+                }
             }
         }
     }
@@ -1075,6 +1141,48 @@ spec:
         );
         assert!(
             errs.contains("addresses[2]: 127.0.0.1 cannot be a Service address"),
+            "{errs}"
+        );
+    }
+
+    #[test]
+    fn upgrades_identity_header_and_encoded_slashes_are_checked() {
+        let route = |upgrades: &str| {
+            format!("kind: HTTPRoute\nmetadata: {{name: r, namespace: shop}}\nspec:\n  parentRefs: [{{name: shop}}]\n  rules: [{{allowedUpgrades: [{upgrades}]}}]\n")
+        };
+        assert!(check(&route("websocket, my-proto/1")).is_ok());
+        let errs = check(&route("H2C")).unwrap_err().to_string();
+        assert!(
+            errs.contains("rules[0].allowedUpgrades[0]: h2c is never forwarded"),
+            "{errs}"
+        );
+        let errs = check(&route("'a b'")).unwrap_err().to_string();
+        assert!(errs.contains("is not a protocol name"), "{errs}");
+
+        let svc = |h: &str| {
+            format!("kind: Service\nmetadata: {{name: x}}\nspec:\n  ports: [{{port: 80}}]\n  mtls: {{clientIdentityHeader: {h}}}\n")
+        };
+        assert!(check(&svc("x-client-id")).is_ok());
+        for h in [
+            "Host",
+            "content-length",
+            "Connection",
+            "x-remora-orig-proto",
+        ] {
+            let errs = check(&svc(h)).unwrap_err().to_string();
+            assert!(
+                errs.contains("mtls.clientIdentityHeader") && errs.contains("means something"),
+                "{h}: {errs}"
+            );
+        }
+
+        let mesh = |v: &str| {
+            format!("kind: MeshConfig\nmetadata: {{name: mesh}}\nspec: {{encodedSlashes: {v}}}\n")
+        };
+        assert!(check(&mesh("PassThrough")).is_ok());
+        let errs = check(&mesh("Decode")).unwrap_err().to_string();
+        assert!(
+            errs.contains("encodedSlashes: \"Decode\" is not one of Reject, PassThrough"),
             "{errs}"
         );
     }

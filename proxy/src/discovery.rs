@@ -14,7 +14,9 @@ use crate::source;
 use prost::Message;
 use remora_proto::control::discovery_client::DiscoveryClient;
 use remora_proto::control::discovery_request::Kind;
-use remora_proto::control::{Ack, Deregister, DiscoveryRequest, Hello, Instance, Snapshot};
+use remora_proto::control::{
+    Ack, Deregister, DiscoveryRequest, Hello, Instance, Register, Snapshot,
+};
 use remora_proto::model::Config;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -166,10 +168,16 @@ pub async fn run(
             Ok(()) => {
                 warn!(running_version = %running, "control plane closed the stream; reconnecting")
             }
-            Err(e) => {
-                warn!(url = %cfg.url, error = %crate::identity::with_sources(&*e), running_version = %running,
-                "control plane unreachable; serving the running config")
-            }
+            Err(e) => match e.downcast_ref::<tonic::Status>() {
+                Some(status) if status.code() != tonic::Code::Unavailable => {
+                    warn!(url = %cfg.url, code = ?status.code(), reason = status.message(), running_version = %running,
+                        "control plane refused this proxy's stream; serving the running config")
+                }
+                _ => {
+                    warn!(url = %cfg.url, error = %crate::identity::with_sources(&*e), running_version = %running,
+                    "control plane unreachable; serving the running config")
+                }
+            },
         }
         if got_snapshot {
             backoff = Duration::from_millis(100);
@@ -228,12 +236,16 @@ async fn session(
             .ok()
     });
     let (tx, rx) = mpsc::channel(16);
+    // The instance registers once it can serve (Register, below), never
+    // in the Hello: traffic must not arrive before its config and
+    // certificate.
     let hello = Hello {
         node_id: cfg.node_id.clone(),
         service: cfg.service.clone(),
         last_version: last_version.clone(),
-        instance: cfg.instance.clone(),
+        instance: None,
     };
+    let mut registered = cfg.instance.is_none();
     tx.send(request(Kind::Hello(hello))).await?;
     let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
     if let Some(b) = bearer {
@@ -281,7 +293,12 @@ async fn session(
                     }
                     Err(e) => e,
                 };
-                tx.send(request(Kind::Ack(Ack { version, error }))).await?;
+                tx.send(request(Kind::Ack(Ack { version, error: bounded(error) }))).await?;
+                register_when_ready(cfg, proxy, &tx, &mut registered).await?;
+            }
+            // Waiting for the first certificate after the config came.
+            _ = tokio::time::sleep(Duration::from_millis(200)), if !registered => {
+                register_when_ready(cfg, proxy, &tx, &mut registered).await?;
             }
             _ = shutdown.changed() => {
                 // Take this instance out of everyone's endpoints first, so
@@ -297,6 +314,49 @@ async fn session(
             }
         }
     }
+}
+
+/// Registers this instance once it can serve: a config is running and,
+/// with an identity, the certificate is there.
+async fn register_when_ready(
+    cfg: &DiscoveryConfig,
+    proxy: &Proxy,
+    tx: &mpsc::Sender<DiscoveryRequest>,
+    registered: &mut bool,
+) -> Result<(), BoxError> {
+    if *registered {
+        return Ok(());
+    }
+    let has_config = !proxy.runtime.load().version.is_empty();
+    let has_cert = proxy
+        .tls
+        .as_ref()
+        .is_none_or(|t| t.store().current().is_some());
+    if let (true, true, Some(instance)) = (has_config, has_cert, cfg.instance.clone()) {
+        let at = format!("{}:{}", instance.address, instance.port);
+        tx.send(request(Kind::Register(Register {
+            instance: Some(instance),
+        })))
+        .await?;
+        *registered = true;
+        info!(instance = %at, "registered with the control plane: ready to serve");
+    }
+    Ok(())
+}
+
+/// A NACK's reason, cut to what the control plane reads (it refuses big
+/// messages before anything else).
+fn bounded(mut error: String) -> String {
+    const MAX: usize = 16 << 10;
+    if error.len() > MAX {
+        let mut cut = MAX;
+        while !error.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        error.truncate(cut);
+        error.push_str(" [cut]");
+    }
+    error
 }
 
 fn request(kind: Kind) -> DiscoveryRequest {

@@ -29,6 +29,10 @@ pub enum ProxyError {
     RateLimited,
     #[error("the caller is not allowed by the authorization policy on {0}")]
     Forbidden(String),
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("this proxy has no config or no workload certificate yet")]
+    NotReady,
 }
 
 /// gRPC status codes used here (grpc/doc/statuscodes.md).
@@ -51,6 +55,8 @@ impl ProxyError {
             ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
             ProxyError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::NotReady => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -60,9 +66,10 @@ impl ProxyError {
             ProxyError::Timeout => GRPC_DEADLINE_EXCEEDED,
             ProxyError::Overflow(_) | ProxyError::RateLimited => GRPC_RESOURCE_EXHAUSTED,
             ProxyError::Forbidden(_) => GRPC_PERMISSION_DENIED,
-            ProxyError::NoBackend(_) | ProxyError::BodyTooLarge(_) | ProxyError::ClientBody(_) => {
-                GRPC_INTERNAL
-            }
+            ProxyError::NoBackend(_)
+            | ProxyError::BodyTooLarge(_)
+            | ProxyError::ClientBody(_)
+            | ProxyError::BadRequest(_) => GRPC_INTERNAL,
             _ => GRPC_UNAVAILABLE,
         }
     }
@@ -81,6 +88,8 @@ impl ProxyError {
             ProxyError::ClientBody(_) => "client-body",
             ProxyError::RateLimited => "rate-limited",
             ProxyError::Forbidden(_) => "forbidden",
+            ProxyError::BadRequest(_) => "bad-request",
+            ProxyError::NotReady => "not-ready",
         }
     }
 

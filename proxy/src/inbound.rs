@@ -175,13 +175,18 @@ async fn to_app<S>(
     let proxy = &conn.proxy;
     let peer = conn.peer;
     let client_id = client.map(|c| &**c);
-    let decision = proxy
-        .runtime
-        .load()
+    let rt = proxy.runtime.load();
+    // Fails closed, as HTTP does: no config yet means no policies yet.
+    if proxy.tls.is_some() && rt.version.is_empty() {
+        proxy.metrics.error(LISTENER, "not-ready");
+        return info!(%peer, "opaque connection refused: no config yet");
+    }
+    let decision = rt
         .local
         .authz
         .as_ref()
         .map(|a| a.check_connection(client_id).map(|t| t.map(str::to_string)));
+    drop(rt);
     let count = |target: String, result| {
         proxy
             .metrics

@@ -113,9 +113,10 @@ struct Args {
         requires = "bootstrap_token_file"
     )]
     identity_service_account: Option<String>,
-    /// Live keys per rate limit; past it, new keys share one overflow bucket
-    /// until idle keys are evicted (every 10 s).
-    #[arg(long, env = "REMORA_RATELIMIT_MAX_KEYS", default_value_t = 1_000_000)]
+    /// Keys tracked per rate limit, each with its own bucket (about 22 bytes
+    /// a key); past it, keys not yet tracked share one overflow bucket until
+    /// idle keys are evicted (every 10 s), and tracked keys keep theirs.
+    #[arg(long, env = "REMORA_RATELIMIT_MAX_KEYS", default_value_t = remora_proxy::ratelimit::DEFAULT_MAX_KEYS)]
     ratelimit_max_keys: usize,
     /// Most route rules a config may hold; a bigger one is rejected (NACK).
     #[arg(long, env = "REMORA_MAX_ROUTE_RULES", default_value_t = 100_000)]
@@ -144,6 +145,10 @@ struct Args {
     /// An opaque TCP connection with no byte either way for this long is closed.
     #[arg(long, env = "REMORA_TCP_IDLE_TIMEOUT", default_value = "1h", value_parser = duration)]
     tcp_idle_timeout: Duration,
+    /// A request or upgraded connection with no byte either way (headers
+    /// or body) for this long is cut off.
+    #[arg(long, env = "REMORA_STREAM_IDLE_TIMEOUT", default_value = "5m", value_parser = duration)]
+    stream_idle_timeout: Duration,
     /// Outbound listener: the local app's calls to other services ("off" disables).
     #[arg(long, env = "REMORA_OUTBOUND_ADDR", default_value = "127.0.0.1:4140", value_parser = listen_addr)]
     outbound_addr: Listen,
@@ -186,7 +191,12 @@ struct Args {
     /// Concurrent HTTP/2 streams per client connection.
     #[arg(long, env = "REMORA_MAX_CONCURRENT_STREAMS", default_value_t = 256)]
     max_concurrent_streams: u32,
-    /// On SIGTERM, time given to in-flight requests before exit.
+    /// On SIGTERM (or /shutdown): how long the proxy keeps serving, with
+    /// /ready at 503 and its instance deregistered, before it stops
+    /// accepting, so every caller has a snapshot without it first.
+    #[arg(long, env = "REMORA_SHUTDOWN_GRACE", default_value = "5s", value_parser = duration)]
+    shutdown_grace: Duration,
+    /// After the grace: time given to in-flight requests before exit.
     #[arg(long, env = "REMORA_DRAIN_TIMEOUT", default_value = "30s", value_parser = duration)]
     drain_timeout: Duration,
 
@@ -199,6 +209,10 @@ struct Args {
     /// Most open connections per backend.
     #[arg(long, env = "REMORA_UPSTREAM_MAX_CONNECTIONS", default_value_t = 1024)]
     upstream_max_connections: usize,
+    /// Longest a request waits for a connection to a backend that is at
+    /// --upstream-max-connections; then 503.
+    #[arg(long, env = "REMORA_UPSTREAM_PENDING_TIMEOUT", default_value = "5s", value_parser = duration)]
+    upstream_pending_timeout: Duration,
     /// Most requests per backend waiting beyond its connections; past it, 503.
     #[arg(long, env = "REMORA_UPSTREAM_MAX_PENDING", default_value_t = 1024)]
     upstream_max_pending: usize,
@@ -367,6 +381,7 @@ fn run(args: Args) -> Result<()> {
         tls: mesh_tls.clone(),
         pool: PoolConfig {
             connect_timeout: args.connect_timeout,
+            pending_timeout: args.upstream_pending_timeout,
             idle_timeout: args.upstream_idle_timeout,
             max_connections: args.upstream_max_connections,
             max_pending: args.upstream_max_pending,
@@ -439,6 +454,7 @@ fn run(args: Args) -> Result<()> {
         retry_buffer: args.retry_buffer_bytes,
         access_log: args.access_log,
         tls: mesh_tls.clone(),
+        stream_idle: args.stream_idle_timeout,
     });
 
     // The first config must be good: a sidecar with a broken config at boot
@@ -500,14 +516,16 @@ fn run(args: Args) -> Result<()> {
         discovery.is_none() || !last_version.is_empty(),
     ));
 
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let shutdown_tx = Arc::new(shutdown_tx);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stop_tx = Arc::new(stop_tx);
+    let (inbound_tx, inbound_rx) = watch::channel(false);
+    let (outbound_tx, outbound_rx) = watch::channel(false);
     admin::spawn(
         admin_l,
         admin::AdminState {
             proxy: proxy.clone(),
             ready: ready.clone(),
-            shutdown: shutdown_tx.clone(),
+            shutdown: stop_tx.clone(),
             app_probes,
             admin_token_file: args.admin_token_file.clone(),
         },
@@ -524,18 +542,30 @@ fn run(args: Args) -> Result<()> {
             .build()?
     };
     rt.block_on(async move {
-        let life = Lifecycle {
-            shutdown: shutdown_rx.clone(),
+        // Three stages of a stop. `stop_rx`: SIGTERM or /shutdown: /ready
+        // turns 503 and the instance deregisters, while everything keeps
+        // serving for --shutdown-grace, so every caller gets a snapshot
+        // without this instance first. `inbound`: then the inbound
+        // listener stops accepting and its connections drain. `outbound`:
+        // last, once the app is gone (its connections closed) or at the
+        // drain timeout: the app may need its calls out while it finishes.
+        let inbound_life = Lifecycle {
+            shutdown: inbound_rx.clone(),
             tracker: tokio_util::task::TaskTracker::new(),
         };
-        let mut listeners = tokio::task::JoinSet::new();
+        let outbound_life = Lifecycle {
+            shutdown: outbound_rx.clone(),
+            tracker: tokio_util::task::TaskTracker::new(),
+        };
+        let mut inbound_listener = None;
+        let mut outbound_listener = None;
         if let Some(l) = outbound_l {
             let l = tokio::net::TcpListener::from_std(l)?;
-            listeners.spawn(serve(l, "outbound", Direction::Outbound, proxy.clone(), limits.clone(), life.clone()));
+            outbound_listener = Some(tokio::spawn(serve(l, "outbound", Direction::Outbound, proxy.clone(), limits.clone(), outbound_life.clone())));
         }
         if let Some(l) = inbound_l {
             let l = tokio::net::TcpListener::from_std(l)?;
-            listeners.spawn(serve(l, "inbound", Direction::Inbound, proxy.clone(), limits.clone(), life.clone()));
+            inbound_listener = Some(tokio::spawn(serve(l, "inbound", Direction::Inbound, proxy.clone(), limits.clone(), inbound_life.clone())));
         }
         // Idle rate-limit keys are evicted in the background.
         let gc_proxy = proxy.clone();
@@ -555,7 +585,7 @@ fn run(args: Args) -> Result<()> {
                 proxy.clone(),
                 settings.clone(),
                 ready.clone(),
-                shutdown_rx.clone(),
+                stop_rx.clone(),
                 last_version,
             )));
         }
@@ -564,24 +594,42 @@ fn run(args: Args) -> Result<()> {
                 cfg,
                 mesh.store().clone(),
                 metrics.clone(),
-                shutdown_rx.clone(),
+                outbound_rx.clone(),
             ));
         }
         if let Some(path) = args.config.clone() {
-            tokio::spawn(source::watch_file(path, args.config_poll_interval, proxy.clone(), settings, ready, fingerprint));
+            tokio::spawn(source::watch_file(path, args.config_poll_interval, proxy.clone(), settings, ready.clone(), fingerprint));
         }
 
-        wait_for_signal(&shutdown_tx).await;
-        info!(drain_timeout = ?args.drain_timeout, "draining: no new connections, in-flight requests finish");
-        while listeners.join_next().await.is_some() {}
-        // Deregistering from the control plane runs alongside the drain;
-        // let it finish (it is bounded) so other proxies stop sending here.
+        wait_for_signal(&stop_tx).await;
+        ready.store(false, std::sync::atomic::Ordering::Relaxed);
+        info!(grace = ?args.shutdown_grace, "stopping: /ready answers 503 and the instance deregisters; serving on for the grace period");
+        // Deregistering is bounded; the grace runs alongside it.
+        let grace = tokio::time::sleep(args.shutdown_grace);
         if let Some(t) = discovery_task {
-            let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+            let _ = tokio::time::timeout(args.shutdown_grace.max(Duration::from_secs(2)), t).await;
         }
-        life.tracker.close();
-        if tokio::time::timeout(args.drain_timeout, life.tracker.wait()).await.is_err() {
-            warn!(open = life.tracker.len(), "drain timeout: closing remaining connections");
+        grace.await;
+
+        let deadline = tokio::time::Instant::now() + args.drain_timeout;
+        info!(drain_timeout = ?args.drain_timeout, "draining: the inbound listener takes no new connections, in-flight requests finish");
+        let _ = inbound_tx.send(true);
+        if let Some(l) = inbound_listener {
+            let _ = l.await;
+        }
+        inbound_life.tracker.close();
+        if tokio::time::timeout_at(deadline, inbound_life.tracker.wait()).await.is_err() {
+            warn!(open = inbound_life.tracker.len(), "drain timeout: closing the remaining inbound connections");
+        }
+        // The outbound side until the app has gone (no connection of its
+        // left), at the latest at the drain timeout.
+        outbound_life.tracker.close();
+        if tokio::time::timeout_at(deadline, outbound_life.tracker.wait()).await.is_err() {
+            info!(open = outbound_life.tracker.len(), "drain timeout: closing the app's remaining outbound connections");
+        }
+        let _ = outbound_tx.send(true);
+        if let Some(l) = outbound_listener {
+            let _ = l.await;
         }
         info!("stopped");
         Ok::<_, anyhow::Error>(())

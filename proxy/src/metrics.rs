@@ -41,6 +41,12 @@ pub struct DecisionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    pub policy: String,
+    pub limit: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BackendLabels {
     pub backend: String,
 }
@@ -143,6 +149,7 @@ pub struct Metrics {
     pub unknown_destinations: Family<ResultLabels, Counter>,
     pub control_plane_connected: Gauge,
     pub ratelimit_decisions: Family<DecisionLabels, Counter>,
+    pub ratelimit_overflow: Family<LimitLabels, Counter>,
     pub identity_cert_expiry: DeadlineGauge,
     pub identity_rotations: Family<ResultLabels, Counter>,
     pub identity_trust_roots: Gauge,
@@ -259,6 +266,12 @@ impl Metrics {
             "Rate-limit decisions by policy, limit and result (allowed, limited, dry_run_limited)",
             ratelimit_decisions.clone(),
         );
+        let ratelimit_overflow = Family::default();
+        registry.register(
+            "ratelimit_overflow",
+            "Rate-limit checks of keys not yet tracked that shared the limit's overflow bucket because its key table was full (--ratelimit-max-keys), by policy and limit",
+            ratelimit_overflow.clone(),
+        );
         let identity_cert_expiry = DeadlineGauge::default();
         registry.register(
             "identity_cert_expiry_seconds",
@@ -329,6 +342,7 @@ impl Metrics {
             unknown_destinations,
             control_plane_connected,
             ratelimit_decisions,
+            ratelimit_overflow,
             identity_cert_expiry,
             identity_rotations,
             identity_trust_roots,
@@ -380,6 +394,10 @@ impl Metrics {
             allowed: c("allowed"),
             limited: c("limited"),
             dry_run: c("dry_run_limited"),
+            overflow: self.ratelimit_overflow.get_or_create_owned(&LimitLabels {
+                policy: policy.to_string(),
+                limit: limit.to_string(),
+            }),
         }
     }
 

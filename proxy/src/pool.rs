@@ -32,6 +32,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 #[derive(Clone, Copy, Debug)]
 pub struct PoolConfig {
     pub connect_timeout: Duration,
+    /// Longest a request waits for a connection when the backend is at its
+    /// connection cap.
+    pub pending_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_connections: usize,
     pub max_pending: usize,
@@ -77,12 +80,22 @@ pub struct Pool {
     max_inflight: usize,
 }
 
+/// HTTP/2 pings on upstream connections, and how long an answer may take:
+/// a black-holed peer is noticed without waiting for a request to time out.
+const H2_KEEPALIVE: Duration = Duration::from_secs(30);
+const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// TCP keep-alive on upstream connections (also for opaque TCP).
+const TCP_KEEPALIVE: Duration = Duration::from_secs(30);
+
 fn client_builder(cfg: &PoolConfig) -> hyper_util::client::legacy::Builder {
     let mut b = Client::builder(TokioExecutor::new());
     b.pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
         .pool_idle_timeout(cfg.idle_timeout)
-        .pool_max_idle_per_host(cfg.max_connections);
+        .pool_max_idle_per_host(cfg.max_connections)
+        .http2_keep_alive_interval(H2_KEEPALIVE)
+        .http2_keep_alive_timeout(H2_KEEPALIVE_TIMEOUT)
+        .http2_keep_alive_while_idle(true);
     b
 }
 
@@ -90,6 +103,7 @@ impl Pool {
     pub fn new(cfg: PoolConfig, http2: bool, tls: Option<ClusterTls>) -> Pool {
         let connector = Connector {
             connect_timeout: cfg.connect_timeout,
+            pending_timeout: cfg.pending_timeout,
             permits: Arc::new(Semaphore::new(cfg.max_connections.max(1))),
             tls: tls.clone(),
             alpn: Alpn::H2,
@@ -176,6 +190,8 @@ impl Drop for Admitted {
 #[derive(Clone)]
 pub struct Connector {
     connect_timeout: Duration,
+    /// Longest wait for a place under the connection cap.
+    pending_timeout: Duration,
     permits: Arc<Semaphore>,
     tls: Option<ClusterTls>,
     /// What an mTLS connection offers: h2, HTTP/1.1 (the upgrade client),
@@ -184,6 +200,12 @@ pub struct Connector {
 }
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// No connection slot came free in time: the backend is at
+/// `--upstream-max-connections` (answered 503, like an overflow).
+#[derive(Debug, thiserror::Error)]
+#[error("no connection to the backend came free within {0:?} (--upstream-max-connections)")]
+pub struct SlotTimeout(pub Duration);
 
 impl Connector {
     /// TCP to `addr` under the connection cap; with `tls`, mTLS to the peer
@@ -194,11 +216,20 @@ impl Connector {
         addr: SocketAddr,
         tls: Option<Option<ClusterTls>>,
     ) -> Result<PooledConn, BoxError> {
-        let permit = self.permits.clone().acquire_owned().await?;
+        // Waiting for a place under the connection cap is bounded too.
+        let permit =
+            tokio::time::timeout(self.pending_timeout, self.permits.clone().acquire_owned())
+                .await
+                .map_err(|_| SlotTimeout(self.pending_timeout))??;
         let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
         let _ = stream.set_nodelay(true);
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(TCP_KEEPALIVE)
+            .with_interval(TCP_KEEPALIVE / 3)
+            .with_retries(3);
+        let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
         let io = match tls {
             None => Stream::Plain(stream),
             Some(None) => return Err("an mTLS endpoint, but this proxy has no identity".into()),

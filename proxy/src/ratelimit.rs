@@ -3,9 +3,12 @@
 //!
 //! A `Limit` is one `limits[]` entry of a policy: a key (total, client
 //! identity, a header, the source address, or a combination), a rate and a
-//! burst, and per-value overrides. Per-key state lives in a sharded map;
-//! idle keys are evicted (`gc`), and past `max_keys` live keys new keys
-//! share one overflow bucket, so memory stays bounded whatever callers send.
+//! burst, and per-value overrides. Per-key buckets live in a bounded
+//! `KeyTable`: at most `max_keys` tracked keys, each with its own bucket.
+//! While the table is full, a key not yet tracked shares one overflow bucket
+//! and tracked keys keep theirs, so a flood of new keys costs no memory and
+//! throttles no client already known. Idle keys are evicted (`gc`), which
+//! makes room again.
 //!
 //! Mesh-wide limits make no network call per request: every replica of the
 //! Service enforces an equal share (quota / live replicas), and the share
@@ -13,7 +16,9 @@
 
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::StateInformationMiddleware;
-use governor::state::keyed::DashMapStateStore;
+use governor::nanos::Nanos;
+use governor::state::keyed::{DashMapStateStore, ShrinkableKeyedStateStore};
+use governor::state::{InMemoryState, NotKeyed, StateStore};
 use governor::{Quota, RateLimiter};
 use http::header::{HeaderName, HeaderValue};
 use http::HeaderMap;
@@ -21,15 +26,137 @@ use prometheus_client::metrics::counter::Counter;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
-use tracing::info;
+use tracing::{info, warn};
+
+/// Tracked keys per limit unless `--ratelimit-max-keys` says otherwise: a
+/// full limit's key table takes about 4.3 MiB, so a proxy with several full
+/// limits stays well inside a 64 MiB sidecar.
+///
+/// A tracked key is one hash-table entry: the key's 64-bit hash and its
+/// bucket (16 bytes) plus a control byte, in tables kept at most 7/8 full
+/// and grown by doubling, so 19 to 39 bytes a key depending on where the
+/// count falls. Measured with `cargo bench -p remora-proxy --bench
+/// ratelimit`, which fills a table with a counting allocator installed:
+/// 200,000 keys hold 4.25 MiB (22.3 bytes a key; RSS grew 4.6 MiB, 24 bytes
+/// a key); 1,000,000 keys, the old default, hold 34 MiB (35.7 bytes a key).
+/// 200,000 is 13% under the count at which the tables double (229,376,
+/// whatever the shard count), which leaves room for uneven shards. Evicted
+/// keys can leave tombstones that make a shard's table double before the
+/// next `gc` shrinks it again: at worst about 8.5 MiB.
+pub const DEFAULT_MAX_KEYS: usize = 200_000;
+
+/// How long a key's bucket stays tracked once it is full again (the key
+/// idle): a client that calls at least this often keeps its own bucket
+/// while a flood of new keys fills the table. The same as the cadence of
+/// `gc`.
+pub const IDLE_GRACE: Duration = Duration::from_secs(10);
 
 /// Buckets are keyed by a 64-bit hash of the key, seeded per limit (so
 /// callers cannot aim collisions): no allocation per check, and a key costs
 /// the same memory whatever its length.
-type Keyed<C> =
-    RateLimiter<u64, DashMapStateStore<u64, PassThrough>, C, StateInformationMiddleware>;
+type Keyed<C> = RateLimiter<u64, KeyTable, C, StateInformationMiddleware>;
+
+/// A limit's buckets: one per tracked key, at most `max_keys` of them, and
+/// one overflow bucket shared by the keys that come while the table is full.
+///
+/// A tracked key always finds its own bucket, full table or not; only a key
+/// not yet tracked can land in the overflow bucket. Eviction (`gc`) makes
+/// room, and the next new keys get their own buckets again.
+pub struct KeyTable {
+    cells: DashMapStateStore<u64, PassThrough>,
+    /// Tracked keys. A slot is reserved before a key is inserted, so this
+    /// never exceeds `max_keys`, however many checks race.
+    tracked: AtomicUsize,
+    max_keys: usize,
+    overflow: InMemoryState,
+    /// Checks answered by the overflow bucket.
+    overflowed: Counter,
+}
+
+impl KeyTable {
+    fn new(max_keys: usize, overflowed: Counter) -> KeyTable {
+        KeyTable {
+            cells: DashMapStateStore::with_hasher(PassThrough),
+            tracked: AtomicUsize::new(0),
+            max_keys,
+            overflow: InMemoryState::default(),
+            overflowed,
+        }
+    }
+
+    /// Takes a slot for a new key, if the table has one.
+    fn reserve(&self) -> bool {
+        self.tracked
+            .fetch_update(Relaxed, Relaxed, |n| (n < self.max_keys).then_some(n + 1))
+            .is_ok()
+    }
+}
+
+/// The theoretical arrival time a bucket holds (None: a fresh bucket), read
+/// through the public `StateStore` update with a closure that declines to
+/// update.
+fn arrival(cell: &InMemoryState) -> Option<Nanos> {
+    cell.measure_and_replace(&NotKeyed::NonKey, Err::<((), Nanos), _>)
+        .err()
+        .flatten()
+}
+
+impl StateStore for KeyTable {
+    type Key = u64;
+
+    fn measure_and_replace<T, F, E>(&self, key: &u64, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        // Tracked keys: a read lock on one shard and a compare-and-swap.
+        if let Some(cell) = self.cells.get(key) {
+            return cell.measure_and_replace(&NotKeyed::NonKey, f);
+        }
+        if !self.reserve() {
+            self.overflowed.inc();
+            return self.overflow.measure_and_replace(&NotKeyed::NonKey, f);
+        }
+        let mut inserted = false;
+        let cell = self.cells.entry(*key).or_insert_with(|| {
+            inserted = true;
+            InMemoryState::default()
+        });
+        if !inserted {
+            // Another check inserted the key since the lookup above.
+            self.tracked.fetch_sub(1, Relaxed);
+        }
+        cell.measure_and_replace(&NotKeyed::NonKey, f)
+    }
+}
+
+impl ShrinkableKeyedStateStore<u64> for KeyTable {
+    /// Evicts the keys whose bucket has been full for `IDLE_GRACE` (governor
+    /// passes the time before which a bucket is full again).
+    fn retain_recent(&self, drop_below: Nanos) {
+        let drop_below = drop_below.saturating_sub(IDLE_GRACE.into());
+        let mut evicted = 0;
+        self.cells.retain(|_, cell| {
+            let keep = arrival(cell).is_some_and(|tat| tat > drop_below);
+            evicted += usize::from(!keep);
+            keep
+        });
+        self.tracked.fetch_sub(evicted, Relaxed);
+    }
+
+    fn shrink_to_fit(&self) {
+        self.cells.shrink_to_fit();
+    }
+
+    fn len(&self) -> usize {
+        self.cells.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.cells.is_empty()
+    }
+}
 
 /// The map's hasher: the key already is a seeded 64-bit hash, so hashing it
 /// again (SipHash, the default) would only cost time.
@@ -60,10 +187,6 @@ impl std::hash::Hasher for PassThroughHasher {
         self.0 = n;
     }
 }
-
-/// Checks between two looks at the live key count (counting locks every
-/// shard, too slow to do per request).
-const KEY_COUNT_EVERY: u64 = 1024;
 
 /// One part of a limit's key.
 #[derive(Clone, Debug, PartialEq)]
@@ -102,12 +225,14 @@ pub struct Verdict {
     pub quota: Option<Quota>,
 }
 
-/// Decision counters of one limit: allowed, limited, dry-run would-limit.
+/// Decision counters of one limit: allowed, limited, dry-run would-limit,
+/// and the checks its full key table sent to the overflow bucket.
 #[derive(Clone, Default)]
 pub struct Decisions {
     pub allowed: Counter,
     pub limited: Counter,
     pub dry_run: Counter,
+    pub overflow: Counter,
 }
 
 pub struct Limit<C: Clock = DefaultClock> {
@@ -125,8 +250,8 @@ pub struct Limit<C: Clock = DefaultClock> {
     last_log_ms: AtomicU64,
     unlogged: AtomicU64,
     seed: std::collections::hash_map::RandomState,
-    checks: AtomicU64,
-    over_capacity: std::sync::atomic::AtomicBool,
+    /// The overflow count at the last `gc`, to log what came since.
+    overflow_seen: AtomicU64,
     /// `RateLimit-Policy` never changes for a limit: built once.
     policy_header: HeaderValue,
     /// `"name";r=` prefix of the `RateLimit` header.
@@ -158,15 +283,18 @@ impl<C: Clock + Clone> Limit<C> {
         clock: C,
     ) -> Limit<C> {
         let (q, period) = quota(params.requests, params.burst, params.per, params.share);
-        let keyed = |q: Quota| {
-            RateLimiter::dashmap_with_clock_and_hasher(q, clock.clone(), PassThrough)
-                .with_middleware::<StateInformationMiddleware>()
-        };
+        let keyed = |q: Quota, table: KeyTable| Keyed::new(q, table, clock.clone());
+        // An override's table only ever holds the override's own value.
         let overrides = params
             .overrides
             .iter()
-            .map(|(v, r, b)| (v.clone(), keyed(quota(*r, *b, params.per, params.share).0)))
+            .map(|(v, r, b)| {
+                let q = quota(*r, *b, params.per, params.share).0;
+                (v.clone(), keyed(q, KeyTable::new(1, Counter::default())))
+            })
             .collect();
+        let table = KeyTable::new(params.max_keys, metrics.overflow.clone());
+        let overflow_seen = AtomicU64::new(metrics.overflow.get());
         let q_units = share_of(params.requests, params.share).get();
         let w = params.per.as_secs().max(1);
         Limit {
@@ -174,7 +302,7 @@ impl<C: Clock + Clone> Limit<C> {
             name: name.to_string(),
             dry_run,
             headers,
-            limiter: keyed(q),
+            limiter: keyed(q, table),
             overrides,
             clock,
             period,
@@ -182,8 +310,7 @@ impl<C: Clock + Clone> Limit<C> {
             last_log_ms: AtomicU64::new(0),
             unlogged: AtomicU64::new(0),
             seed: Default::default(),
-            checks: AtomicU64::new(0),
-            over_capacity: Default::default(),
+            overflow_seen,
             policy_header: HeaderValue::from_str(&format!("\"{name}\";q={q_units};w={w}"))
                 .unwrap_or(HeaderValue::from_static("")),
             state_prefix: format!("\"{name}\";r="),
@@ -222,22 +349,9 @@ impl<C: Clock + Clone> Limit<C> {
             Some(l) => (l, true),
             None => (&self.limiter, false),
         };
-        // Past max_keys live keys, new keys share one bucket until idle keys
-        // are evicted: memory stays bounded under a flood of keys.
-        if self
-            .checks
-            .fetch_add(1, Relaxed)
-            .is_multiple_of(KEY_COUNT_EVERY)
-        {
-            self.over_capacity
-                .store(self.limiter.len() >= self.params.max_keys, Relaxed);
-        }
-        let hashed = if self.over_capacity.load(Relaxed) {
-            0
-        } else {
-            self.seed.hash_one(key) | 1
-        };
-        match limiter.check_key(&hashed) {
+        // A tracked key has its own bucket; a new one while the table is
+        // full shares the overflow bucket (`KeyTable`).
+        match limiter.check_key(&self.seed.hash_one(key)) {
             Ok(state) => {
                 self.metrics.allowed.inc();
                 let remaining = state.remaining_burst_capacity();
@@ -312,12 +426,25 @@ impl<C: Clock + Clone> Limit<C> {
         info!(policy = %self.policy, limit = %self.name, key, more_since_last_log = since, "{what}");
     }
 
-    /// Evicts idle keys (their buckets are full again: nothing is lost).
+    /// Evicts the keys idle for `IDLE_GRACE` (their buckets are full again:
+    /// nothing is lost), and logs how many checks the full table sent to the
+    /// overflow bucket since the last call. Run every 10 s.
     pub fn gc(&self) {
         self.limiter.retain_recent();
         self.limiter.shrink_to_fit();
         for l in self.overrides.values() {
             l.retain_recent();
+        }
+        let total = self.metrics.overflow.get();
+        let since = total.saturating_sub(self.overflow_seen.swap(total, Relaxed));
+        if since > 0 {
+            warn!(
+                policy = %self.policy,
+                limit = %self.name,
+                max_keys = self.params.max_keys,
+                overflowed = since,
+                "key table full: new keys shared the overflow bucket"
+            );
         }
     }
 
@@ -474,13 +601,143 @@ mod tests {
         for i in 0..5000 {
             l.check(&format!("k{i}"));
         }
-        // The count is sampled every KEY_COUNT_EVERY checks: the bound holds
-        // to within one interval.
-        let bound = 1000 + KEY_COUNT_EVERY as usize + 1;
-        assert!(l.live_keys() <= bound, "{}", l.live_keys());
+        assert_eq!(l.live_keys(), 1000, "exactly max_keys tracked");
         clock.advance(Duration::from_secs(60));
         l.gc();
         assert_eq!(l.live_keys(), 0, "idle keys evicted");
+    }
+
+    /// 10 a second, burst 5, keyed by `x-user`, at most `max_keys` tracked.
+    fn with_table(
+        max_keys: usize,
+        clock: &FakeRelativeClock,
+        decisions: &Decisions,
+    ) -> Limit<FakeRelativeClock> {
+        let params = LimitParams {
+            requests: 10,
+            per: Duration::from_secs(1),
+            burst: 5,
+            key: vec![KeyPart::Header(HeaderName::from_static("x-user"))],
+            overrides: vec![],
+            share: 1,
+            max_keys,
+        };
+        let d = decisions.clone();
+        Limit::new("default/p", "l", params, false, true, d, clock.clone())
+    }
+
+    /// Sends one request for each of `n` keys never seen before.
+    fn new_keys(l: &Limit<FakeRelativeClock>, prefix: &str, n: usize) -> usize {
+        (0..n)
+            .map(|i| admitted(l, &format!("{prefix}{i}"), 1))
+            .sum()
+    }
+
+    #[test]
+    fn a_tracked_key_keeps_its_own_budget_when_the_table_is_full() {
+        let (clock, d) = (FakeRelativeClock::default(), Decisions::default());
+        let l = with_table(3, &clock, &d);
+        assert_eq!(admitted(&l, "tracked", 1), 1);
+        // Two keys fill the table, the rest drain the overflow bucket.
+        new_keys(&l, "flood", 100);
+        assert_eq!(l.live_keys(), 3);
+        assert_eq!(
+            admitted(&l, "another", 1),
+            0,
+            "the overflow bucket is empty"
+        );
+        assert_eq!(
+            admitted(&l, "tracked", 100),
+            4,
+            "the rest of its own burst of 5"
+        );
+        clock.advance(Duration::from_millis(100));
+        assert_eq!(
+            admitted(&l, "tracked", 100),
+            1,
+            "its own rate: one per 100 ms"
+        );
+        assert_eq!(d.overflow.get(), 99, "only new keys were sent to overflow");
+    }
+
+    #[test]
+    fn new_keys_share_the_overflow_bucket_when_the_table_is_full() {
+        let (clock, d) = (FakeRelativeClock::default(), Decisions::default());
+        let l = with_table(3, &clock, &d);
+        assert_eq!(new_keys(&l, "own", 3), 3);
+        assert_eq!(
+            new_keys(&l, "new", 100),
+            5,
+            "100 new keys share one burst of 5"
+        );
+        assert_eq!(l.live_keys(), 3, "none of them is tracked");
+        assert_eq!(d.overflow.get(), 100);
+        clock.advance(Duration::from_millis(100));
+        assert_eq!(new_keys(&l, "later", 10), 1, "the shared bucket's rate");
+    }
+
+    #[test]
+    fn after_gc_evicts_idle_keys_new_keys_get_their_own_buckets() {
+        let (clock, d) = (FakeRelativeClock::default(), Decisions::default());
+        let l = with_table(3, &clock, &d);
+        new_keys(&l, "old", 3);
+        new_keys(&l, "flood", 10);
+        clock.advance(Duration::from_secs(1));
+        l.gc();
+        assert_eq!(l.live_keys(), 3, "idle for less than IDLE_GRACE: kept");
+        clock.advance(IDLE_GRACE);
+        l.gc();
+        assert_eq!(l.live_keys(), 0, "idle keys evicted");
+        for k in ["a", "b", "c"] {
+            assert_eq!(admitted(&l, k, 100), 5, "{k} has its own burst");
+        }
+        assert_eq!(l.live_keys(), 3);
+        let before = d.overflow.get();
+        assert_eq!(admitted(&l, "d", 100), 5, "the table is full again");
+        assert_eq!(admitted(&l, "e", 100), 0, "d and e share the overflow");
+        assert_eq!(d.overflow.get() - before, 200);
+    }
+
+    #[test]
+    fn a_key_calling_within_the_idle_grace_stays_tracked_through_a_flood() {
+        let (clock, d) = (FakeRelativeClock::default(), Decisions::default());
+        let l = with_table(2, &clock, &d);
+        assert_eq!(admitted(&l, "steady", 1), 1);
+        for s in 1..=60 {
+            clock.advance(Duration::from_secs(1));
+            if s % 10 == 0 {
+                l.gc();
+            }
+            // 20 new keys a second: one takes the free slot, the rest
+            // drain the overflow bucket.
+            new_keys(&l, &format!("flood{s}-"), 20);
+            assert_eq!(l.live_keys(), 2);
+            if s % 5 == 0 {
+                // Its bucket has been full (idle) for 4.9 s, less than the
+                // grace: still its own.
+                assert_eq!(admitted(&l, "steady", 1), 1, "at {s} s");
+            }
+        }
+    }
+
+    #[test]
+    fn racing_checks_never_track_more_than_max_keys() {
+        let (clock, d) = (FakeRelativeClock::default(), Decisions::default());
+        let l = with_table(100, &clock, &d);
+        // Four threads with the same 1,000 keys: inserts of one key race.
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| new_keys(&l, "k", 1000));
+            }
+        });
+        assert_eq!(l.live_keys(), 100);
+        new_keys(&l, "extra", 10);
+        assert_eq!(l.live_keys(), 100, "no slot was counted twice");
+        clock.advance(IDLE_GRACE * 2);
+        l.gc();
+        assert_eq!(l.live_keys(), 0);
+        new_keys(&l, "again", 101);
+        assert_eq!(l.live_keys(), 100, "every slot was given back");
     }
 
     #[test]

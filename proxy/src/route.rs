@@ -148,6 +148,8 @@ pub struct Rule {
     /// Rate limits for requests on this rule (HTTPRoute policies and the
     /// parent Service's outbound policies).
     pub limits: Option<Arc<crate::ratelimit::LimiterSet>>,
+    /// Upgrade protocols forwarded besides websocket.
+    pub allowed_upgrades: Vec<String>,
 }
 
 impl Rule {

@@ -8,6 +8,7 @@ use crate::authz::{LocalPolicy, MtlsMode};
 use crate::balance::OutlierConfig;
 use crate::cluster::{Cluster, Endpoint, Protocol, Target};
 use crate::metrics::{BackendLabels, Metrics};
+use crate::path::EncodedSlashes;
 use crate::pool::{ClusterTls, Pool, PoolConfig};
 use crate::ratelimit::{KeyPart, Limit, LimitParams, LimiterSet};
 use crate::retry::{BudgetParams, RetryBudget, RetryPolicy};
@@ -48,6 +49,7 @@ impl Default for Settings {
         Settings {
             pool: PoolConfig {
                 connect_timeout: Duration::from_secs(1),
+                pending_timeout: Duration::from_secs(5),
                 idle_timeout: Duration::from_secs(90),
                 max_connections: 1024,
                 max_pending: 1024,
@@ -65,7 +67,7 @@ impl Default for Settings {
             },
             max_route_rules: 100_000,
             service: None,
-            ratelimit_max_keys: 1_000_000,
+            ratelimit_max_keys: crate::ratelimit::DEFAULT_MAX_KEYS,
             tls: None,
         }
     }
@@ -87,6 +89,11 @@ pub struct Runtime {
     pub local_ports: HashMap<u16, Protocol>,
     /// What intercepted connections to addresses of no Service get.
     pub outbound_policy: OutboundPolicy,
+    /// What a request path with an encoded slash gets.
+    pub encoded_slashes: EncodedSlashes,
+    /// Upgrade protocols (besides websocket) the local Service's routes
+    /// allow: what the inbound side forwards.
+    pub local_upgrades: Vec<String>,
 }
 
 /// MeshConfig's outboundTrafficPolicy.
@@ -112,6 +119,8 @@ impl Runtime {
             local: LocalPolicy::default(),
             local_ports: HashMap::new(),
             outbound_policy: OutboundPolicy::AllowAny,
+            encoded_slashes: EncodedSlashes::Reject,
+            local_upgrades: Vec::new(),
         }
     }
 }
@@ -299,6 +308,7 @@ pub fn compile(
                     per_try_timeout: None,
                     retry: None,
                     limits: set(attached_to("Service", &id, "outbound")),
+                    allowed_upgrades: Vec::new(),
                 })
             });
             port_routes.push(PortRoutes {
@@ -328,10 +338,16 @@ pub fn compile(
 
     let local = crate::authz::compile(&cfg, s.service.as_deref())?;
     let local_ports = local_ports(&cfg, s.service.as_deref());
-    let outbound_policy = match cfg.mesh_configs.first().and_then(|m| m.spec.as_ref()) {
+    let mesh = cfg.mesh_configs.first().and_then(|m| m.spec.as_ref());
+    let outbound_policy = match mesh {
         Some(m) if m.outbound_traffic_policy == "RegistryOnly" => OutboundPolicy::RegistryOnly,
         _ => OutboundPolicy::AllowAny,
     };
+    let encoded_slashes = match mesh {
+        Some(m) if m.encoded_slashes == "PassThrough" => EncodedSlashes::PassThrough,
+        _ => EncodedSlashes::Reject,
+    };
+    let local_upgrades = local_upgrades(&cfg, s.service.as_deref());
     Ok(Runtime {
         version,
         config: Arc::new(cfg),
@@ -343,7 +359,34 @@ pub fn compile(
         local,
         local_ports,
         outbound_policy,
+        encoded_slashes,
+        local_upgrades,
     })
+}
+
+/// The Upgrade protocols the routes of the local Service allow.
+fn local_upgrades(cfg: &Config, service: Option<&str>) -> Vec<String> {
+    let Some(service) = service else {
+        return Vec::new();
+    };
+    let mut out: Vec<String> = cfg
+        .http_routes
+        .iter()
+        .filter_map(|r| r.spec.as_ref())
+        .filter(|spec| {
+            spec.parent_refs
+                .iter()
+                .any(|p| format!("{}/{}", p.namespace, p.name) == service)
+        })
+        .flat_map(|spec| {
+            spec.rules
+                .iter()
+                .flat_map(|r| r.allowed_upgrades.iter().cloned())
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// Where intercepted connections to `svc` arrive: its virtual addresses on
@@ -561,6 +604,7 @@ fn compile_rule(
         per_try_timeout,
         retry,
         limits: None,
+        allowed_upgrades: rule.allowed_upgrades.clone(),
     })
 }
 

@@ -7,6 +7,7 @@
 use crate::cluster::Cluster;
 use crate::metrics::{ListenerLabels, Metrics};
 use crate::proxy::{Direction, Proxy};
+use crate::tunnel::ConnCtx;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -227,11 +228,21 @@ pub(crate) async fn serve_http_conn<S>(
     let activity = Arc::new(Activity::default());
     activity.last_ms.store(crate::balance::now_ms(), Relaxed);
     let act = activity.clone();
-    let svc = service_fn(move |req| {
+    // Upgraded connections (tunnels) stay part of this one: its task waits
+    // for them, so they keep its place under the connection cap and are
+    // waited for when draining.
+    let ctx = ConnCtx {
+        tunnels: TaskTracker::new(),
+        expires,
+        idle: proxy.stream_idle,
+    };
+    let tunnels = ctx.tunnels.clone();
+    let svc = service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
         let proxy = proxy.clone();
         let act = act.clone();
         let client = client.clone();
         let app = app.clone();
+        req.extensions_mut().insert(ctx.clone());
         async move {
             act.inflight.fetch_add(1, Relaxed);
             let resp = match (direction, app) {
@@ -260,6 +271,8 @@ pub(crate) async fn serve_http_conn<S>(
                 if let Err(e) = res {
                     debug!(error = %e, "connection ended with an error");
                 }
+                tunnels.close();
+                tunnels.wait().await;
                 return;
             }
             _ = shutdown.changed(), if !closing => {

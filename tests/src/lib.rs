@@ -545,17 +545,20 @@ impl Drop for TempDir {
 /// YAML for a Service with static endpoints.
 pub fn service_yaml(name: &str, port: u16, protocol: &str, endpoints: &[SocketAddr]) -> String {
     let mut s = format!(
-        "kind: Service\nmetadata: {{name: {name}}}\nspec:\n  ports: [{{port: {port}, protocol: {protocol}}}]\n  endpoints:\n"
+        "kind: Service\nmetadata: {{name: {name}}}\nspec:\n  ports: [{{port: {port}, protocol: {protocol}}}]\n"
     );
+    if endpoints.is_empty() {
+        s.push_str("  endpoints: []\n");
+    }
+    if !endpoints.is_empty() {
+        s.push_str("  endpoints:\n");
+    }
     for e in endpoints {
         s.push_str(&format!(
             "  - {{address: {}, port: {}}}\n",
             e.ip(),
             e.port()
         ));
-    }
-    if endpoints.is_empty() {
-        s.push_str("  []\n");
     }
     s
 }

@@ -58,30 +58,52 @@ async fn start_slow_request(
 }
 
 #[tokio::test]
-async fn sigterm_refuses_new_connections_finishes_in_flight_request_and_exits_0() {
+async fn sigterm_serves_through_the_grace_then_drains_and_exits_0() {
     let up = Upstream::start("app", Behavior::Demo).await;
-    let mut proxy = ProxyBuilder::new().app(up.addr).start().await;
+    let mut proxy = ProxyBuilder::new()
+        .app(up.addr)
+        .arg("--shutdown-grace")
+        .arg("700ms")
+        .start()
+        .await;
     // The listener accepts before the drain.
     assert!(!connect_refused(proxy.inbound).await);
+    let admin = proxy.admin;
 
-    let slow = start_slow_request(&proxy, &up, "/delay/1500").await;
+    let slow = start_slow_request(&proxy, &up, "/delay/2000").await;
+    let t0 = Instant::now();
     proxy.terminate();
 
-    // Once draining, the listeners are closed: a new connection is refused,
-    // while the slow request is still in flight and the process is alive.
-    let (inbound, outbound) = (proxy.inbound, proxy.outbound);
+    // First the grace: /ready is 503 at once (callers' snapshots lose this
+    // instance), while new connections are still accepted and served.
     wait_until(
-        "inbound listener refuses connections after SIGTERM",
+        "/ready is 503 after SIGTERM",
         Duration::from_secs(1),
+        || async { get_status(&format!("http://{admin}/ready")).await == Some(503) },
+    )
+    .await;
+    let r = get_via(&http1_client(), proxy.inbound, "app", "/")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "served during the grace");
+    assert!(
+        t0.elapsed() < Duration::from_millis(700),
+        "checked within the grace"
+    );
+
+    // Then the inbound listener closes, while the slow request is still in
+    // flight and the process is alive.
+    let inbound = proxy.inbound;
+    wait_until(
+        "inbound listener refuses connections after the grace",
+        Duration::from_secs(2),
         || connect_refused(inbound),
     )
     .await;
-    wait_until(
-        "outbound listener refuses connections after SIGTERM",
-        Duration::from_secs(1),
-        || connect_refused(outbound),
-    )
-    .await;
+    assert!(
+        t0.elapsed() >= Duration::from_millis(650),
+        "not before the grace"
+    );
     assert!(
         !slow.is_finished(),
         "the slow request ended before the listener was seen closed"
@@ -91,15 +113,58 @@ async fn sigterm_refuses_new_connections_finishes_in_flight_request_and_exits_0(
         "the proxy exited before the in-flight request finished"
     );
 
-    // The in-flight request completes normally.
+    // The in-flight request completes normally; the outbound listener (the
+    // app's way out) closes after that, and the process exits.
     let r = slow
         .await
         .unwrap()
         .expect("in-flight request survives the drain");
     assert_eq!(r.status, 200);
-    assert_eq!(r.body, "app waited 1500ms\n");
+    assert_eq!(r.body, "app waited 2000ms\n");
 
     let status = wait_exit(&mut proxy, Duration::from_secs(5)).await;
+    assert_eq!(status.code(), Some(0), "logs:\n{}", proxy.logs());
+    assert!(connect_refused(proxy.outbound).await);
+}
+
+#[tokio::test]
+async fn the_outbound_listener_stays_open_while_the_app_still_uses_it() {
+    let up = Upstream::start("app", Behavior::Demo).await;
+    let dir = TempDir::new("lifecycle-out");
+    let cfg = dir.write("mesh.yaml", &service_yaml("app", 80, "http", &[up.addr]));
+    let mut proxy = ProxyBuilder::new()
+        .config(&cfg)
+        .arg("--shutdown-grace")
+        .arg("0s")
+        .arg("--drain-timeout")
+        .arg("10s")
+        .start()
+        .await;
+    // The app holds a keep-alive connection to its outbound listener.
+    let client = http1_client();
+    let r = get_via(&client, proxy.outbound, "app", "/").await.unwrap();
+    assert_eq!(r.status, 200);
+    proxy.terminate();
+    let inbound = proxy.inbound;
+    wait_until("inbound closed", Duration::from_secs(2), || {
+        connect_refused(inbound)
+    })
+    .await;
+    // The app (still running) can still call out, on its connection and on
+    // new ones.
+    let r = get_via(&client, proxy.outbound, "app", "/").await.unwrap();
+    assert_eq!(
+        r.status, 200,
+        "the app's calls out still work while it finishes"
+    );
+    let r = get_via(&http1_client(), proxy.outbound, "app", "/")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert!(running(&mut proxy));
+    // The app goes: its connections close, and the proxy follows.
+    drop(client);
+    let status = wait_exit(&mut proxy, Duration::from_secs(8)).await;
     assert_eq!(status.code(), Some(0), "logs:\n{}", proxy.logs());
 }
 
@@ -108,6 +173,8 @@ async fn drain_timeout_cuts_a_long_request_short_and_exits_0() {
     let up = Upstream::start("app", Behavior::Demo).await;
     let mut proxy = ProxyBuilder::new()
         .app(up.addr)
+        .arg("--shutdown-grace")
+        .arg("0s")
         .arg("--drain-timeout")
         .arg("300ms")
         .start()
@@ -140,7 +207,13 @@ async fn ready_turns_503_while_draining_and_admin_endpoints_answer() {
     let up = Upstream::start("app", Behavior::Demo).await;
     let dir = TempDir::new("lifecycle-admin");
     let cfg = dir.write("mesh.yaml", &service_yaml("app", 80, "http", &[up.addr]));
-    let mut proxy = ProxyBuilder::new().config(&cfg).app(up.addr).start().await;
+    let mut proxy = ProxyBuilder::new()
+        .config(&cfg)
+        .app(up.addr)
+        .arg("--shutdown-grace")
+        .arg("0s")
+        .start()
+        .await;
     let admin = proxy.admin;
 
     assert_eq!(
@@ -199,7 +272,12 @@ async fn ready_turns_503_while_draining_and_admin_endpoints_answer() {
 #[tokio::test]
 async fn post_shutdown_on_admin_drains_like_sigterm_and_exits_0() {
     let up = Upstream::start("app", Behavior::Demo).await;
-    let mut proxy = ProxyBuilder::new().app(up.addr).start().await;
+    let mut proxy = ProxyBuilder::new()
+        .app(up.addr)
+        .arg("--shutdown-grace")
+        .arg("0s")
+        .start()
+        .await;
     let slow = start_slow_request(&proxy, &up, "/delay/1500").await;
 
     let req = Request::post(format!("http://{}/shutdown", proxy.admin))

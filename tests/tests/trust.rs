@@ -322,7 +322,7 @@ async fn a_proxy_fronts_only_a_defined_service_of_its_own_identity() {
         .map(|l| l.to_string())
         .unwrap_or_else(|| panic!("the proxy does not say why it was refused:\n{logs}"));
     assert!(
-        line.contains("PERMISSION_DENIED") || line.contains("does not have permission"),
+        line.contains("code=PermissionDenied") && line.contains("refused this proxy's stream"),
         "the proxy's log names no PERMISSION_DENIED: {line}"
     );
     assert!(
@@ -738,7 +738,6 @@ async fn answers(cp: &ControlProcess) -> bool {
 }
 
 #[tokio::test]
-#[ignore = "bug: a connection that finishes TLS (or, without --tls, TCP) and then sends nothing holds its --max-connections place forever: control/src/tls.rs incoming() bounds only the TLS handshake (HANDSHAKE_TIMEOUT), accept.rs keeps the permit for the connection's life, and nothing bounds the wait for the HTTP/2 preface (the keepalive of lib.rs serve() starts only once HTTP/2 is up)"]
 async fn a_silent_connection_does_not_hold_its_place_forever() {
     let mesh = Mesh::start(&["--max-connections", "2"]).await;
     let (addr, root) = (mesh.cp.addr, mesh.cp.ca_pem.clone().unwrap());
@@ -757,11 +756,12 @@ async fn a_silent_connection_does_not_hold_its_place_forever() {
         || async { answers(cp).await },
     )
     .await;
+    // Closed by the server (after whatever it had sent: its SETTINGS).
     for mut s in silent {
-        let mut buf = [0u8; 64];
-        let closed = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
         assert!(
-            matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+            matches!(closed, Ok(Ok(_)) | Ok(Err(_))),
             "a silent connection is still open: {closed:?}"
         );
     }

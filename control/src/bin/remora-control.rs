@@ -17,9 +17,10 @@ use tracing::{info, warn};
 #[derive(Parser, Debug)]
 #[command(name = "remora-control", version, about = "Remora control plane")]
 struct Args {
-    /// gRPC listener for Discovery (proxies) and Admin (remoractl).
-    #[arg(long, env = "REMORA_CONTROL_LISTEN", default_value = "0.0.0.0:4200")]
-    listen: SocketAddr,
+    /// gRPC listener for Discovery (proxies), Admin (remoractl) and
+    /// Identity [default: 0.0.0.0:4200 with --tls, 127.0.0.1:4200 without].
+    #[arg(long, env = "REMORA_CONTROL_LISTEN")]
+    listen: Option<SocketAddr>,
     /// Where the config history is kept (embedded store).
     #[arg(long, env = "REMORA_DATA_DIR", default_value = "remora-data")]
     data_dir: PathBuf,
@@ -153,13 +154,16 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.tls && !has_reviewer(&args) {
         anyhow::bail!(
-            "--tls needs a token reviewer (--bootstrap-tokens or --kubernetes-token-review): Discovery then requires a workload certificate or a bootstrap credential, and without a reviewer no proxy could get either"
+            "--tls needs a token reviewer (--bootstrap-tokens, --kubernetes-token-review or --insecure-shared-bootstrap-token-file): Discovery then requires a workload certificate or a bootstrap credential, and without a reviewer no proxy could get either"
         );
     }
-    if !args.tls && !args.listen.ip().is_loopback() && !args.insecure_dev_plaintext {
+    let listen = args.listen.unwrap_or_else(|| match args.tls {
+        true => SocketAddr::from(([0, 0, 0, 0], 4200)),
+        false => SocketAddr::from(([127, 0, 0, 1], 4200)),
+    });
+    if !args.tls && !listen.ip().is_loopback() && !args.insecure_dev_plaintext {
         anyhow::bail!(
-            "--listen {}: without --tls the control plane serves loopback only (anyone who reaches it could read the config, register endpoints and change the mesh). Add --tls, listen on 127.0.0.1, or say --insecure-dev-plaintext for a local development setup",
-            args.listen
+            "--listen {listen}: without --tls the control plane serves loopback only (anyone who reaches it could read the config, register endpoints and change the mesh). Add --tls, listen on 127.0.0.1, or say --insecure-dev-plaintext for a local development setup"
         );
     }
     let store = FileStore::open(&args.data_dir).context("opening the data directory")?;
@@ -169,9 +173,9 @@ async fn main() -> anyhow::Result<()> {
     mesh.persist_instances(args.data_dir.join("instances.pb"));
     let pki = identity(&args)?;
     mesh.set_trust_bundle(&pki.bundle);
-    let listener = tokio::net::TcpListener::bind(args.listen)
+    let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .with_context(|| format!("listening on {}", args.listen))?;
+        .with_context(|| format!("listening on {listen}"))?;
     let addr = listener.local_addr().context("listener address")?;
     mesh.set_status_retention(args.status_retention);
     let mut security = Security {
