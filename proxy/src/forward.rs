@@ -156,6 +156,19 @@ impl Proxy {
             up.headers_mut().insert(header::UPGRADE, proto.clone());
         }
         let mut resp = self.try_once(cluster, up, exchange, &mut None).await?;
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            // Only to the protocol that was asked for (and allowed): an app
+            // switching to anything else would open a tunnel no policy saw.
+            let switched_to = resp.headers().get(header::UPGRADE);
+            if !upgrade.as_ref().is_some_and(|u| u.accepted_by(switched_to)) {
+                warn!(backend = %cluster.id, asked = ?upgrade.as_ref().map(|u| &u.0), switched_to = ?switched_to,
+                    "upstream switched protocols without an allowed Upgrade: refused");
+                return Err(ProxyError::Upstream(
+                    cluster.id.clone(),
+                    "switched to a protocol that was not asked for".into(),
+                ));
+            }
+        }
         if let (Some(client_upgrade), Some(ctx), StatusCode::SWITCHING_PROTOCOLS) =
             (client_upgrade, ctx, resp.status())
         {

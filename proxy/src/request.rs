@@ -25,20 +25,33 @@ use http::{Method, Request, Version};
 pub struct Upgrade(pub HeaderValue);
 
 impl Upgrade {
-    /// `websocket` (any case) always; others when `allowed` lists them;
-    /// never `h2c`.
+    /// `websocket` (any case) always, others when `allowed` lists them, and
+    /// only one protocol: a list (`websocket, h2c`) would let the app pick
+    /// one the proxy never agreed to, so it is no upgrade at all. Never
+    /// `h2c`.
     pub fn allowed(&self, allowed: &[String]) -> bool {
         let Ok(proto) = self.0.to_str() else {
             return false;
         };
-        // "websocket", "WebSocket", or a list whose first is one of them.
-        let first = proto.split(',').next().unwrap_or("").trim();
-        let name = first.split('/').next().unwrap_or("");
+        let proto = proto.trim();
+        if proto.is_empty() || proto.contains(',') {
+            return false;
+        }
+        let name = proto.split('/').next().unwrap_or("").trim();
         if name.eq_ignore_ascii_case("h2c") {
             return false;
         }
         name.eq_ignore_ascii_case("websocket")
-            || allowed.iter().any(|a| a.eq_ignore_ascii_case(first))
+            || allowed.iter().any(|a| a.eq_ignore_ascii_case(proto))
+    }
+
+    /// Whether a 101's `Upgrade` header switches to this protocol (and
+    /// nothing else).
+    pub fn accepted_by(&self, response: Option<&HeaderValue>) -> bool {
+        let (Ok(asked), Some(Ok(got))) = (self.0.to_str(), response.map(|v| v.to_str())) else {
+            return false;
+        };
+        asked.trim().eq_ignore_ascii_case(got.trim())
     }
 }
 
@@ -252,6 +265,13 @@ mod tests {
         assert!(r.headers().get("upgrade").is_none(), "hop-by-hop, removed");
         let h2c = Upgrade(HeaderValue::from_static("h2c"));
         assert!(!h2c.allowed(&["h2c".into()]));
+        // A list is no upgrade: the app could pick what the proxy refused.
+        assert!(!Upgrade(HeaderValue::from_static("websocket, h2c")).allowed(&[]));
+        assert!(!Upgrade(HeaderValue::from_static("h2c, websocket")).allowed(&[]));
+        let ws = Upgrade(HeaderValue::from_static("websocket"));
+        assert!(ws.accepted_by(Some(&HeaderValue::from_static("WebSocket"))));
+        assert!(!ws.accepted_by(Some(&HeaderValue::from_static("h2c"))));
+        assert!(!ws.accepted_by(None));
         let other = Upgrade(HeaderValue::from_static("my-proto/2"));
         assert!(!other.allowed(&[]));
         assert!(other.allowed(&["my-proto/2".into()]));
