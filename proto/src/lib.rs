@@ -36,11 +36,13 @@ pub use pb::remora::control::v1 as control;
 pub use pb::remora::transport::v1 as transport;
 
 pub mod duration;
+pub mod refs;
 pub mod validate;
 pub mod yaml;
 
+pub use refs::{ObjectRef, SpiffeId};
 pub use validate::{prepare, ValidationError, ValidationErrors};
-pub use yaml::{load_path, parse_yaml, LoadError};
+pub use yaml::{load_path, parse_yaml, LoadError, RawConfig, MAX_CONFIG_BYTES};
 
 /// The namespace a resource lands in when it names none.
 pub const DEFAULT_NAMESPACE: &str = "default";

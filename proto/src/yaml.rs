@@ -29,7 +29,14 @@ pub enum LoadError {
     },
     #[error("{0}")]
     Invalid(#[from] crate::ValidationErrors),
+    #[error("{path}: config files total more than {max} bytes")]
+    TooLarge { path: String, max: u64 },
 }
+
+/// Most bytes a config file or directory may hold, as for a config from
+/// the control plane: past this a typo (a log file in the config
+/// directory) would cost the proxy its memory.
+pub const MAX_CONFIG_BYTES: u64 = 64 << 20;
 
 /// The kinds a config document may have.
 const KINDS: &str = "Service, HTTPRoute, RateLimitPolicy, AuthorizationPolicy or MeshConfig";
@@ -169,23 +176,64 @@ pub fn config_files(path: &Path) -> Result<Vec<PathBuf>, LoadError> {
     Ok(files)
 }
 
-/// Reads a file or directory of YAML. Returns the raw bytes as well (the
-/// caller fingerprints them to notice changes) and the parsed config.
-pub fn load_path(path: &Path) -> Result<(Vec<u8>, Config), LoadError> {
-    let mut raw = Vec::new();
-    let mut cfg = Config::default();
-    for file in config_files(path)? {
-        let bytes = std::fs::read(&file).map_err(|e| LoadError::Io {
-            path: file.display().to_string(),
-            source: e,
-        })?;
-        let name = file.display().to_string();
-        let text = String::from_utf8_lossy(&bytes);
-        add_yaml(&mut cfg, &text, &name)?;
-        raw.extend_from_slice(name.as_bytes());
-        raw.extend_from_slice(&bytes);
+/// The bytes of a config file or directory, read but not yet parsed: a
+/// watcher fingerprints them each interval and parses only when they
+/// changed.
+pub struct RawConfig {
+    files: Vec<(String, Vec<u8>)>,
+}
+
+impl RawConfig {
+    /// Reads the YAML files at `path` (a file, or a directory's `*.yaml`
+    /// and `*.yml`), at most `MAX_CONFIG_BYTES` in all.
+    pub fn read(path: &Path) -> Result<RawConfig, LoadError> {
+        use std::io::Read;
+        let mut files = Vec::new();
+        let mut left = MAX_CONFIG_BYTES;
+        for file in config_files(path)? {
+            let name = file.display().to_string();
+            let io = |e| LoadError::Io {
+                path: name.clone(),
+                source: e,
+            };
+            let mut bytes = Vec::new();
+            // One byte more than allowed tells "too large" from "exactly".
+            let n = std::fs::File::open(&file)
+                .and_then(|f| f.take(left + 1).read_to_end(&mut bytes))
+                .map_err(io)? as u64;
+            if n > left {
+                return Err(LoadError::TooLarge {
+                    path: path.display().to_string(),
+                    max: MAX_CONFIG_BYTES,
+                });
+            }
+            left -= n;
+            files.push((name, bytes));
+        }
+        Ok(RawConfig { files })
     }
-    Ok((raw, cfg))
+
+    /// A fingerprint of every file's name and bytes.
+    pub fn fingerprint(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.files.hash(&mut h);
+        h.finish()
+    }
+
+    /// Parses the files, in name order, into one config (not validated).
+    pub fn parse(&self) -> Result<Config, LoadError> {
+        let mut cfg = Config::default();
+        for (name, bytes) in &self.files {
+            add_yaml(&mut cfg, &String::from_utf8_lossy(bytes), name)?;
+        }
+        Ok(cfg)
+    }
+}
+
+/// Reads and parses a file or directory of YAML.
+pub fn load_path(path: &Path) -> Result<Config, LoadError> {
+    RawConfig::read(path)?.parse()
 }
 
 /// Renders a config back to YAML documents (for remoractl).
@@ -248,6 +296,55 @@ pub fn resource_yaml<T: serde::Serialize>(r: &T) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn scratch_dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("remora-yaml-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn raw_config_reads_yaml_files_in_order_and_fingerprints_them() {
+        let d = scratch_dir("raw");
+        std::fs::write(d.join("b.yaml"), "kind: Service\nmetadata: {name: b}\n").unwrap();
+        std::fs::write(d.join("a.yml"), "kind: Service\nmetadata: {name: a}\n").unwrap();
+        std::fs::write(d.join(".staging.yaml"), "not: [yaml").unwrap();
+        std::fs::write(d.join("notes.txt"), "ignored").unwrap();
+        let raw = RawConfig::read(&d).unwrap();
+        let cfg = raw.parse().unwrap();
+        let names: Vec<_> = cfg
+            .services
+            .iter()
+            .map(|s| s.metadata.as_ref().unwrap().name.as_str())
+            .collect();
+        assert_eq!(names, ["a", "b"]);
+        let fp = raw.fingerprint();
+        assert_eq!(RawConfig::read(&d).unwrap().fingerprint(), fp, "stable");
+        std::fs::write(d.join("b.yaml"), "kind: Service\nmetadata: {name: c}\n").unwrap();
+        assert_ne!(
+            RawConfig::read(&d).unwrap().fingerprint(),
+            fp,
+            "content counts"
+        );
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn raw_config_refuses_more_than_the_bound_without_reading_it_all() {
+        let d = scratch_dir("big");
+        std::fs::write(d.join("a.yaml"), "kind: Service\nmetadata: {name: a}\n").unwrap();
+        // Sparse: costs no disk.
+        let f = std::fs::File::create(d.join("b.yaml")).unwrap();
+        f.set_len(MAX_CONFIG_BYTES).unwrap();
+        let err = RawConfig::read(&d).err().expect("too large");
+        assert!(matches!(err, LoadError::TooLarge { .. }), "{err}");
+        assert!(
+            err.to_string().contains("more than 67108864 bytes"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&d).unwrap();
+    }
 
     #[test]
     fn parses_documents_by_kind() {

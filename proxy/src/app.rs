@@ -7,9 +7,10 @@
 //! (setups without interception) pins every connection to one address;
 //! a connection that names no port goes to the default address.
 
+use crate::cluster::compile::build_cluster;
 use crate::cluster::{Cluster, Protocol, Target};
+use crate::config::Settings;
 use crate::metrics::{Metrics, RouteMetrics};
-use crate::runtime::{build_cluster, Settings};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};

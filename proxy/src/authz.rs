@@ -3,40 +3,14 @@
 //! AuthorizationPolicies. Compiled with the rest of the config, so a policy
 //! change swaps atomically with everything else.
 
+use crate::cluster::Protocol;
 use crate::route::Matcher;
+pub use crate::tls::MtlsMode;
 use http::header::HeaderName;
 use http::Request;
 use remora_proto::model::{self, Config};
+use remora_proto::ObjectRef;
 use std::collections::HashMap;
-
-/// How the local Service's inbound side treats plaintext.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MtlsMode {
-    /// mTLS only (the default for meshed Services).
-    Strict,
-    /// mTLS and plaintext, for migrating a Service into the mesh.
-    Permissive,
-    /// Plaintext only.
-    Disabled,
-}
-
-impl MtlsMode {
-    pub fn parse(s: &str) -> MtlsMode {
-        match s {
-            "Permissive" => MtlsMode::Permissive,
-            "Disabled" => MtlsMode::Disabled,
-            _ => MtlsMode::Strict,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            MtlsMode::Strict => "Strict",
-            MtlsMode::Permissive => "Permissive",
-            MtlsMode::Disabled => "Disabled",
-        }
-    }
-}
 
 /// The local Service's inbound policy.
 pub struct LocalPolicy {
@@ -44,6 +18,11 @@ pub struct LocalPolicy {
     /// Where the app gets the caller's verified SPIFFE ID.
     pub identity_header: Option<HeaderName>,
     pub authz: Option<Authz>,
+    /// The declared protocols of the Service's ports, by the port the app
+    /// listens on (targetPort); undeclared ports are detected.
+    pub ports: HashMap<u16, Protocol>,
+    /// The Upgrade protocols the Service's routes allow.
+    pub upgrades: Vec<String>,
 }
 
 impl Default for LocalPolicy {
@@ -52,6 +31,8 @@ impl Default for LocalPolicy {
             mode: MtlsMode::Strict,
             identity_header: None,
             authz: None,
+            ports: HashMap::new(),
+            upgrades: Vec::new(),
         }
     }
 }
@@ -89,10 +70,10 @@ impl Allow {
 
 pub struct Authz {
     service: Option<Allow>,
-    routes: HashMap<String, Allow>,
+    routes: HashMap<ObjectRef, Allow>,
     /// Every match of every route attached to the local Service, by
-    /// precedence, with its route id: which route a request hit.
-    matchers: Vec<(Matcher, String)>,
+    /// precedence, with its route: which route a request hit.
+    matchers: Vec<(Matcher, ObjectRef)>,
 }
 
 /// A refusal: the target whose policies did not allow the caller.
@@ -147,32 +128,35 @@ impl Authz {
     }
 }
 
-/// The policy for `service` (`namespace/name`) from a prepared config.
-pub fn compile(cfg: &Config, service: Option<&str>) -> Result<LocalPolicy, String> {
+/// The policy for `service` (`namespace/name`) from a prepared config;
+/// the error names what was wrong, for `CompileError::Local`.
+pub fn compile(cfg: &Config, service: Option<&ObjectRef>) -> Result<LocalPolicy, String> {
     let Some(service) = service else {
         return Ok(LocalPolicy::default());
     };
-    let id_of = |m: Option<&model::Metadata>| remora_proto::resource_id(m);
     let spec = cfg
         .services
         .iter()
-        .find(|s| id_of(s.metadata.as_ref()) == service)
+        .find(|s| ObjectRef::of(s.metadata.as_ref()) == *service)
         .and_then(|s| s.spec.as_ref());
     let mtls = spec.and_then(|s| s.mtls.clone()).unwrap_or_default();
+    let ports = spec
+        .into_iter()
+        .flat_map(|sp| sp.ports.iter())
+        .filter_map(|p| Some((p.target_port as u16, Protocol::parse(&p.protocol)?)))
+        .filter(|(_, proto)| *proto != Protocol::Detect)
+        .collect();
     let identity_header = match mtls.client_identity_header.as_str() {
         "" => None,
-        h => Some(
-            HeaderName::try_from(h)
-                .map_err(|e| format!("Service {service}: mtls.clientIdentityHeader: {e}"))?,
-        ),
+        h => Some(HeaderName::try_from(h).map_err(|e| format!("mtls.clientIdentityHeader: {e}"))?),
     };
 
     let mut service_allow: Option<Allow> = None;
-    let mut routes: HashMap<String, Allow> = HashMap::new();
+    let mut routes: HashMap<ObjectRef, Allow> = HashMap::new();
     for p in &cfg.authorization_policies {
         let Some(spec) = &p.spec else { continue };
         let t = spec.target_ref.clone().unwrap_or_default();
-        let target_id = format!("{}/{}", t.namespace, t.name);
+        let target_id = ObjectRef::new(t.namespace, t.name);
         let from = spec.from.iter().filter_map(principal);
         match t.kind.as_str() {
             "HTTPRoute" => routes
@@ -183,7 +167,7 @@ pub fn compile(cfg: &Config, service: Option<&str>) -> Result<LocalPolicy, Strin
                 })
                 .from
                 .extend(from),
-            _ if target_id == service => service_allow
+            _ if target_id == *service => service_allow
                 .get_or_insert_with(|| Allow {
                     target: format!("Service {target_id}"),
                     from: vec![],
@@ -198,24 +182,28 @@ pub fn compile(cfg: &Config, service: Option<&str>) -> Result<LocalPolicy, Strin
     // targets (and every route that could shadow them).
     let mut matchers = Vec::new();
     let mut local_routes = std::collections::HashSet::new();
+    let mut upgrades = Vec::new();
     for r in &cfg.http_routes {
         let Some(rs) = &r.spec else { continue };
         let attached = rs
             .parent_refs
             .iter()
-            .any(|p| format!("{}/{}", p.namespace, p.name) == service);
+            .any(|p| p.namespace == service.namespace && p.name == service.name);
         if !attached {
             continue;
         }
-        let rid = id_of(r.metadata.as_ref());
+        let rid = ObjectRef::of(r.metadata.as_ref());
         local_routes.insert(rid.clone());
         for rule in &rs.rules {
-            for m in crate::runtime::compile_matches(rule)? {
+            upgrades.extend(rule.allowed_upgrades.iter().cloned());
+            for m in crate::route::compile::compile_matches(rule)? {
                 matchers.push((m, rid.clone()));
             }
         }
     }
     routes.retain(|r, _| local_routes.contains(r));
+    upgrades.sort();
+    upgrades.dedup();
     matchers.sort_by_key(|(m, _)| m.precedence());
     let authz = (service_allow.is_some() || !routes.is_empty()).then_some(Authz {
         service: service_allow,
@@ -226,6 +214,8 @@ pub fn compile(cfg: &Config, service: Option<&str>) -> Result<LocalPolicy, Strin
         mode: MtlsMode::parse(&mtls.mode),
         identity_header,
         authz,
+        ports,
+        upgrades,
     })
 }
 
@@ -250,7 +240,7 @@ mod tests {
             kind: HTTPRoute\nmetadata: {name: admin, namespace: shop}\nspec:\n  parentRefs: [{name: api}]\n  rules:\n  - matches: [{path: {type: PathPrefix, value: /admin}}]\n    backendRefs: [{name: api}]\n---\n";
         let cfg = remora_proto::yaml::parse_yaml(&format!("{base}{yaml}"), "test").unwrap();
         let cfg = remora_proto::prepare(cfg).unwrap();
-        compile(&cfg, Some("shop/api")).unwrap()
+        compile(&cfg, Some(&ObjectRef::new("shop", "api"))).unwrap()
     }
 
     fn req(path: &str) -> Request<()> {
@@ -267,6 +257,30 @@ mod tests {
         assert!(p.authz.is_none());
         assert_eq!(p.mode, MtlsMode::Permissive);
         assert_eq!(p.identity_header.unwrap().as_str(), "x-client-id");
+    }
+
+    #[test]
+    fn ports_and_upgrades_of_the_local_service_only() {
+        let cfg = remora_proto::parse_yaml(
+            "kind: Service\nmetadata: {name: api, namespace: shop}\nspec:\n  ports: [{port: 80, targetPort: 8080, protocol: http}, {port: 90, targetPort: 9090, protocol: tcp}, {port: 91, targetPort: 9191, protocol: \"\"}]\n---\n\
+             kind: Service\nmetadata: {name: other, namespace: shop}\nspec:\n  ports: [{port: 70, targetPort: 7070, protocol: tcp}]\n---\n\
+             kind: HTTPRoute\nmetadata: {name: ws, namespace: shop}\nspec:\n  parentRefs: [{name: api}]\n  rules: [{allowedUpgrades: [websocket, x-custom]}, {allowedUpgrades: [x-custom]}]\n---\n\
+             kind: HTTPRoute\nmetadata: {name: elsewhere, namespace: shop}\nspec:\n  parentRefs: [{name: other}]\n  rules: [{allowedUpgrades: [x-other]}]\n",
+            "t",
+        )
+        .unwrap();
+        let cfg = remora_proto::prepare(cfg).unwrap();
+        let p = compile(&cfg, Some(&ObjectRef::new("shop", "api"))).unwrap();
+        // By the port the app listens on; a port left to detection is not
+        // declared.
+        assert_eq!(p.ports.get(&8080), Some(&Protocol::Http1));
+        assert_eq!(p.ports.get(&9090), Some(&Protocol::Tcp));
+        assert_eq!(p.ports.get(&9191), None);
+        assert_eq!(p.ports.get(&7070), None);
+        assert_eq!(p.upgrades, ["websocket", "x-custom"]);
+        // A proxy that fronts no Service has nothing local.
+        let none = compile(&cfg, None).unwrap();
+        assert!(none.ports.is_empty() && none.upgrades.is_empty() && none.authz.is_none());
     }
 
     #[test]

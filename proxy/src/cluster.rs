@@ -1,6 +1,8 @@
 //! A cluster is one backend Service port: its endpoints with their load
 //! state, the connection pool, and the protocol spoken to it.
 
+pub mod compile;
+
 use crate::balance::{pick_p2c, EndpointLoad, OutlierConfig};
 use crate::pool::Pool;
 use prometheus_client::metrics::counter::Counter;

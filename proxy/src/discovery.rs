@@ -8,6 +8,7 @@
 //! snapshot it applied on disk, so a proxy restarted during a control-plane
 //! outage boots from it.
 
+use crate::control_plane::endpoint;
 use crate::proxy::Proxy;
 use crate::runtime::Settings;
 use crate::source;
@@ -42,29 +43,6 @@ pub struct DiscoveryConfig {
     /// The identity the token is for (namespace, service account), sent
     /// with it so a token reviewer can check the pair.
     pub identity: Option<(String, String)>,
-}
-
-/// The control plane's endpoint: for an https URL, TLS verified against
-/// `roots` (PEM: `--control-plane-ca`, and the mesh's current trust bundle,
-/// so a root rotation carries over) and, when given, a client certificate
-/// (chain PEM, key PEM).
-pub fn endpoint(
-    url: &str,
-    roots: &[&str],
-    client: Option<(&str, &str)>,
-) -> Result<tonic::transport::Endpoint, tonic::transport::Error> {
-    let mut e = tonic::transport::Endpoint::from_shared(url.to_string())?;
-    if url.starts_with("https://") {
-        let mut tls = tonic::transport::ClientTlsConfig::new();
-        for ca in roots {
-            tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(ca));
-        }
-        if let Some((chain, key)) = client {
-            tls = tls.identity(tonic::transport::Identity::from_pem(chain, key));
-        }
-        e = e.tls_config(tls)?;
-    }
-    Ok(e)
 }
 
 const LKG_FILE: &str = "last-known-good.pb";

@@ -363,7 +363,7 @@ pub async fn fetch(
     let (key, csr_pem) = new_key()?;
     let roots: Vec<&str> = cfg.ca_pem.as_deref().into_iter().chain(bundle).collect();
     let client = current.map(|c| (c.pem.0 .0.as_str(), c.pem.0 .1.as_str()));
-    let channel = crate::discovery::endpoint(&cfg.url, &roots, client)?
+    let channel = crate::control_plane::endpoint(&cfg.url, &roots, client)?
         .connect_timeout(Duration::from_secs(3))
         .timeout(Duration::from_secs(10))
         .connect()

@@ -18,20 +18,41 @@
 //! detected from the first bytes.
 
 use crate::app::AppTarget;
-use crate::authz::MtlsMode;
 use crate::cluster::Protocol;
 use crate::detect::{detect, Detected};
 use crate::metrics::AuthzLabels;
-use crate::server::{original_dst, serve_http_conn, Conn, Listener};
+use crate::proxy::{Direction, Proxy};
+use crate::server::{original_dst, serve_http_conn, Conn, Lifecycle, Listener, ServerLimits};
 use crate::tcp;
+use crate::tls::MtlsMode;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 const LISTENER: &str = "inbound";
+
+/// Serves the inbound listener until shutdown.
+pub async fn serve(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    limits: ServerLimits,
+    life: Lifecycle,
+) {
+    let handle = |stream, conn, l: Arc<Listener>| async move { connection(stream, conn, &l).await };
+    crate::server::serve(
+        listener,
+        "inbound",
+        Direction::Inbound,
+        proxy,
+        limits,
+        life,
+        handle,
+    )
+    .await
+}
 
 pub(crate) async fn connection(stream: TcpStream, conn: Conn, l: &Listener) {
     let local_ip = match stream.local_addr() {
@@ -80,7 +101,7 @@ pub(crate) async fn connection(stream: TcpStream, conn: Conn, l: &Listener) {
 /// The port's declared protocol in the local Service, if any.
 fn declared(conn: &Conn, port: Option<u16>) -> Option<Protocol> {
     let port = port?;
-    conn.proxy.runtime.load().local_ports.get(&port).copied()
+    conn.proxy.runtime.load().local.ports.get(&port).copied()
 }
 
 /// After the handshake: the transport header, then HTTP or bytes, with the

@@ -8,6 +8,8 @@ pub mod authz;
 pub mod balance;
 pub mod body;
 pub mod cluster;
+pub mod config;
+pub mod control_plane;
 pub mod detect;
 pub mod discovery;
 pub mod error;

@@ -5,6 +5,7 @@
 use anyhow::{bail, Context, Result};
 use arc_swap::ArcSwap;
 use clap::{Parser, Subcommand};
+use remora_proto::ObjectRef;
 use remora_proxy::app::LocalApp;
 use remora_proxy::balance::OutlierConfig;
 use remora_proxy::cluster::Protocol;
@@ -13,12 +14,13 @@ use remora_proxy::identity::{CertStore, IdentityConfig};
 use remora_proxy::init::{Cidr, InitConfig, PortRange};
 use remora_proxy::metrics::Metrics;
 use remora_proxy::pool::PoolConfig;
-use remora_proxy::proxy::{Direction, Proxy};
+use remora_proxy::proxy::Proxy;
 use remora_proxy::retry::BudgetParams;
 use remora_proxy::runtime::{Runtime, Settings};
-use remora_proxy::server::{serve, Lifecycle, ServerLimits};
+use remora_proxy::server::{Lifecycle, ServerLimits};
 use remora_proxy::tls::MeshTls;
 use remora_proxy::{admin, source};
+use remora_proxy::{inbound, outbound};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -398,13 +400,10 @@ fn run(args: Args) -> Result<()> {
             window: args.retry_budget_interval,
         },
         max_route_rules: args.max_route_rules,
-        service: args.service.as_ref().map(|s| {
-            if s.contains('/') {
-                s.clone()
-            } else {
-                format!("{}/{s}", args.namespace)
-            }
-        }),
+        service: args
+            .service
+            .as_ref()
+            .map(|s| ObjectRef::qualify(&args.namespace, s)),
         ratelimit_max_keys: args.ratelimit_max_keys,
     };
     let limits = ServerLimits {
@@ -561,11 +560,11 @@ fn run(args: Args) -> Result<()> {
         let mut outbound_listener = None;
         if let Some(l) = outbound_l {
             let l = tokio::net::TcpListener::from_std(l)?;
-            outbound_listener = Some(tokio::spawn(serve(l, "outbound", Direction::Outbound, proxy.clone(), limits.clone(), outbound_life.clone())));
+            outbound_listener = Some(tokio::spawn(outbound::serve(l, proxy.clone(), limits.clone(), outbound_life.clone())));
         }
         if let Some(l) = inbound_l {
             let l = tokio::net::TcpListener::from_std(l)?;
-            inbound_listener = Some(tokio::spawn(serve(l, "inbound", Direction::Inbound, proxy.clone(), limits.clone(), inbound_life.clone())));
+            inbound_listener = Some(tokio::spawn(inbound::serve(l, proxy.clone(), limits.clone(), inbound_life.clone())));
         }
         // Idle rate-limit keys are evicted in the background.
         let gc_proxy = proxy.clone();
@@ -659,11 +658,11 @@ fn discovery_config(
     node_id: String,
     state_dir: PathBuf,
 ) -> Result<DiscoveryConfig> {
-    let service = match &args.service {
-        Some(s) if s.contains('/') => s.clone(),
-        Some(s) => format!("{}/{s}", args.namespace),
-        None => String::new(),
-    };
+    let service = args
+        .service
+        .as_ref()
+        .map(|s| ObjectRef::qualify(&args.namespace, s).to_string())
+        .unwrap_or_default();
     let advertise = args.advertise_addr.or_else(|| {
         let inbound = inbound?;
         if !inbound.ip().is_unspecified() {

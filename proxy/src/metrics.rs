@@ -129,6 +129,16 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 18))
 }
 
+/// Decision counters of one limit: allowed, limited, dry-run would-limit,
+/// and the checks its full key table sent to the overflow bucket.
+#[derive(Clone, Default)]
+pub struct Decisions {
+    pub allowed: Counter,
+    pub limited: Counter,
+    pub dry_run: Counter,
+    pub overflow: Counter,
+}
+
 /// Every metric the proxy exports.
 pub struct Metrics {
     pub registry: Registry,
@@ -141,6 +151,8 @@ pub struct Metrics {
     pub mirrors: Family<BackendLabels, Counter>,
     pub config_reloads: Family<ResultLabels, Counter>,
     pub config_info: Family<VersionLabels, Gauge>,
+    /// Validate + compile + swap of each applied config.
+    pub config_apply_seconds: Histogram,
     pub connections_active: Family<ListenerLabels, Gauge>,
     pub connections_total: Family<ListenerLabels, Counter>,
     pub tcp_bytes: Family<TcpLabels, Counter>,
@@ -217,6 +229,12 @@ impl Metrics {
             "config_info",
             "The running config version (value 1)",
             config_info.clone(),
+        );
+        let config_apply_seconds = latency_histogram();
+        registry.register(
+            "config_apply_seconds",
+            "Time to validate, compile and publish each applied config, off the data-plane threads",
+            config_apply_seconds.clone(),
         );
         let connections_active = Family::default();
         registry.register(
@@ -334,6 +352,7 @@ impl Metrics {
             mirrors,
             config_reloads,
             config_info,
+            config_apply_seconds,
             connections_active,
             connections_total,
             tcp_bytes,
@@ -381,7 +400,7 @@ impl Metrics {
     }
 
     /// Decision counters for one limit, resolved once.
-    pub fn decisions(&self, policy: &str, limit: &str) -> crate::ratelimit::Decisions {
+    pub fn decisions(&self, policy: &str, limit: &str) -> Decisions {
         let c = |result| {
             self.ratelimit_decisions
                 .get_or_create_owned(&DecisionLabels {
@@ -390,7 +409,7 @@ impl Metrics {
                     result,
                 })
         };
-        crate::ratelimit::Decisions {
+        Decisions {
             allowed: c("allowed"),
             limited: c("limited"),
             dry_run: c("dry_run_limited"),

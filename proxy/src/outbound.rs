@@ -13,16 +13,37 @@
 use crate::cluster::{Cluster, Protocol};
 use crate::detect::{detect, Detected, Prefixed};
 use crate::metrics::ResultLabels;
+use crate::proxy::{Direction, Proxy};
 use crate::runtime::OutboundPolicy;
-use crate::server::{original_dst, serve_http_conn, Conn, Listener};
+use crate::server::{original_dst, serve_http_conn, Conn, Lifecycle, Listener, ServerLimits};
 use crate::tcp;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
 const LISTENER: &str = "outbound";
+
+/// Serves the outbound listener until shutdown.
+pub async fn serve(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    limits: ServerLimits,
+    life: Lifecycle,
+) {
+    let handle = |stream, conn, l: Arc<Listener>| async move { connection(stream, conn, &l).await };
+    crate::server::serve(
+        listener,
+        "outbound",
+        Direction::Outbound,
+        proxy,
+        limits,
+        life,
+        handle,
+    )
+    .await
+}
 
 pub(crate) async fn connection(stream: TcpStream, mut conn: Conn, l: &Listener) {
     let Some(dst) = original_dst(&stream) else {

@@ -175,7 +175,7 @@ impl Proxy {
             }
         }
         let upgrade = match prepare(&mut req, rt.encoded_slashes, From::Mesh) {
-            Ok(u) => allowed_upgrade(u, &rt.local_upgrades, Direction::Inbound),
+            Ok(u) => allowed_upgrade(u, &rt.local.upgrades, Direction::Inbound),
             Err(e) => return self.fail(Direction::Inbound, e, grpc),
         };
         // The version the app behind a detected port gets: the caller's.

@@ -14,6 +14,8 @@
 //! Service enforces an equal share (quota / live replicas), and the share
 //! changes whenever the control plane's snapshot says replicas came or went.
 
+pub mod compile;
+
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::StateInformationMiddleware;
 use governor::nanos::Nanos;
@@ -225,15 +227,7 @@ pub struct Verdict {
     pub quota: Option<Quota>,
 }
 
-/// Decision counters of one limit: allowed, limited, dry-run would-limit,
-/// and the checks its full key table sent to the overflow bucket.
-#[derive(Clone, Default)]
-pub struct Decisions {
-    pub allowed: Counter,
-    pub limited: Counter,
-    pub dry_run: Counter,
-    pub overflow: Counter,
-}
+pub use crate::metrics::Decisions;
 
 pub struct Limit<C: Clock = DefaultClock> {
     /// `namespace/policy`

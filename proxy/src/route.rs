@@ -3,6 +3,8 @@
 //! at compile time in Gateway API precedence so a lookup is a linear scan
 //! that stops at the first hit.
 
+pub mod compile;
+
 use crate::cluster::Cluster;
 use crate::metrics::RouteMetrics;
 use crate::retry::RetryPolicy;
@@ -177,7 +179,7 @@ pub struct PortRoutes {
     /// The Service port itself: where opaque bytes go, and what its
     /// protocol is.
     pub cluster: Arc<Cluster>,
-    pub entries: Vec<(Matcher, Arc<Rule>)>,
+    pub entries: Vec<(Arc<Matcher>, Arc<Rule>)>,
     /// Used when no route is attached to this port: straight to the Service.
     pub fallback: Option<Arc<Rule>>,
 }

@@ -70,16 +70,21 @@ fn http_builder(limits: &ServerLimits) -> auto::Builder<TokioExecutor> {
 }
 
 /// Accepts until shutdown; then closes the listener (new connections are
-/// refused) and leaves open ones to drain. Outbound connections come from
-/// the local app (`outbound.rs`), inbound ones from the mesh (`inbound.rs`).
-pub async fn serve(
+/// refused) and leaves open ones to drain. `handle` serves each connection:
+/// `outbound::serve` (from the local app) and `inbound::serve` (from the
+/// mesh) pass theirs, so this module depends on neither.
+pub(crate) async fn serve<H, Fut>(
     listener: TcpListener,
     name: &'static str,
     direction: Direction,
     proxy: Arc<Proxy>,
     limits: ServerLimits,
     life: Lifecycle,
-) {
+    handle: H,
+) where
+    H: Fn(TcpStream, Conn, Arc<Listener>) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let shared = Arc::new(Listener {
         builder: http_builder(&limits),
         limits: limits.clone(),
@@ -92,21 +97,16 @@ pub async fn serve(
         life.clone(),
         move |stream, peer| {
             let (proxy, shared, shutdown) = (proxy.clone(), shared.clone(), life.shutdown.clone());
-            async move {
-                let conn = Conn {
-                    peer,
-                    direction,
-                    proxy,
-                    idle: shared.limits.idle_timeout,
-                    shutdown,
-                    dst: None,
-                    app: None,
-                };
-                match direction {
-                    Direction::Outbound => crate::outbound::connection(stream, conn, &shared).await,
-                    Direction::Inbound => crate::inbound::connection(stream, conn, &shared).await,
-                }
-            }
+            let conn = Conn {
+                peer,
+                direction,
+                proxy,
+                idle: shared.limits.idle_timeout,
+                shutdown,
+                dst: None,
+                app: None,
+            };
+            handle(stream, conn, shared)
         },
     )
     .await

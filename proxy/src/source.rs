@@ -4,16 +4,19 @@
 
 use crate::metrics::{ResultLabels, VersionLabels};
 use crate::proxy::Proxy;
-use crate::runtime::{compile, Settings};
+use crate::runtime::{compile, Runtime, Settings, Validated};
 use remora_proto::model::Config;
+use remora_proto::RawConfig;
 use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use tracing::{error, info};
 
 /// Validates, compiles and publishes a config. On error nothing changes.
+/// Runs on a blocking thread: only the final `ArcSwap` store is visible to
+/// the data plane.
 pub fn apply(
     proxy: &Proxy,
     settings: &Settings,
@@ -21,45 +24,40 @@ pub fn apply(
     version: String,
 ) -> Result<(), String> {
     let t0 = Instant::now();
-    let rules: usize = cfg
-        .http_routes
-        .iter()
-        .map(|r| r.spec.as_ref().map_or(0, |s| s.rules.len()))
-        .sum();
-    let result = if rules > settings.max_route_rules {
-        Err(format!(
-            "config has {rules} route rules; this proxy allows at most {} (--max-route-rules)",
-            settings.max_route_rules
-        ))
-    } else {
-        Ok(cfg)
-    };
-    let result = result
-        .and_then(|cfg| remora_proto::prepare(cfg).map_err(|e| e.to_string()))
-        .and_then(|cfg| {
-            compile(
-                cfg,
-                version.clone(),
-                &proxy.runtime.load(),
-                settings,
-                &proxy.metrics,
-            )
-        });
+    // The size bound first: validating a config that is too big anyway
+    // would waste the time it bounds.
+    let result = crate::runtime::check_rule_count(&cfg, settings)
+        .map_err(|e| e.to_string())
+        .and_then(|()| Validated::prepare(cfg).map_err(|e| e.to_string()));
+    let prepared = t0.elapsed();
+    let result = result.and_then(|cfg| {
+        let prev = proxy.runtime.load_full();
+        compile(cfg, version.clone(), &prev, settings, &proxy.metrics).map_err(|e| e.to_string())
+    });
     let m = &proxy.metrics;
     match result {
         Ok(rt) => {
             let (services, routes) = (rt.config.services.len(), rt.config.http_routes.len());
+            let compiled = t0.elapsed() - prepared;
             retire(proxy.runtime.swap(Arc::new(rt)));
             m.config_reloads
                 .get_or_create(&ResultLabels { result: "applied" })
                 .inc();
+            m.config_apply_seconds.observe(t0.elapsed().as_secs_f64());
             m.config_info.clear();
             m.config_info
                 .get_or_create(&VersionLabels {
                     version: version.clone(),
                 })
                 .set(1);
-            info!(%version, services, routes, micros = t0.elapsed().as_micros() as u64, "config applied");
+            info!(
+                %version,
+                services,
+                routes,
+                prepare_micros = prepared.as_micros() as u64,
+                compile_micros = compiled.as_micros() as u64,
+                "config applied"
+            );
             Ok(())
         }
         Err(e) => {
@@ -73,32 +71,61 @@ pub fn apply(
     }
 }
 
-/// Drops a replaced runtime on a thread of its own once the requests still
-/// running on it are done. Freeing a big runtime (thousands of routes and
-/// clusters) takes milliseconds; on the data-plane thread that would be a
-/// latency spike for every request behind it.
-fn retire(old: Arc<crate::runtime::Runtime>) {
-    let wait = move || {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Arc::strong_count(&old) > 1 && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
+/// Hands a replaced runtime to the one retire thread, which drops it once
+/// the requests still running on it are done. Freeing a big runtime
+/// (thousands of routes and clusters) takes milliseconds; on the data-plane
+/// thread that would be a latency spike for every request behind it. One
+/// thread for all swaps (not one per swap) so that memory is returned as
+/// soon as the last request lets go, however often configs arrive.
+fn retire(old: Arc<Runtime>) {
+    static RETIRE: OnceLock<Option<Mutex<mpsc::Sender<Arc<Runtime>>>>> = OnceLock::new();
+    let tx = RETIRE.get_or_init(|| {
+        let (tx, rx) = mpsc::channel();
+        match std::thread::Builder::new()
+            .name("remora-retire".into())
+            .spawn(move || retire_loop(rx))
+        {
+            Ok(_) => Some(Mutex::new(tx)),
+            Err(e) => {
+                tracing::warn!(error = %e, "no thread to free old configs; they are freed in place");
+                None
+            }
         }
-        drop(old);
-    };
-    if let Err(e) = std::thread::Builder::new()
-        .name("remora-retire".into())
-        .spawn(wait)
-    {
-        tracing::warn!(error = %e, "could not start a thread to free the old config");
+    });
+    if let Some(tx) = tx {
+        if let Ok(tx) = tx.lock() {
+            let _ = tx.send(old);
+        }
     }
 }
 
-/// Reads a config file or directory: its fingerprint and parsed content.
+/// Holds retired runtimes until nothing else does (or a minute has passed:
+/// a stuck stream must not pin memory forever; then its last holder frees
+/// it), checking every few milliseconds while any are held.
+fn retire_loop(rx: mpsc::Receiver<Arc<Runtime>>) {
+    const MAX_HOLD: Duration = Duration::from_secs(60);
+    let mut held: Vec<(Instant, Arc<Runtime>)> = Vec::new();
+    loop {
+        let next = if held.is_empty() {
+            rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected)
+        } else {
+            rx.recv_timeout(Duration::from_millis(5))
+        };
+        match next {
+            Ok(rt) => held.push((Instant::now(), rt)),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        }
+        held.retain(|(since, rt)| Arc::strong_count(rt) > 1 && since.elapsed() < MAX_HOLD);
+    }
+}
+
+/// Reads a config file or directory: its fingerprint and parsed content
+/// (for the first config, at boot).
 pub fn read(path: &std::path::Path) -> Result<(u64, Config), String> {
-    let (raw, cfg) = remora_proto::load_path(path).map_err(|e| e.to_string())?;
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    raw.hash(&mut h);
-    Ok((h.finish(), cfg))
+    let raw = RawConfig::read(path).map_err(|e| e.to_string())?;
+    let cfg = raw.parse().map_err(|e| e.to_string())?;
+    Ok((raw.fingerprint(), cfg))
 }
 
 /// The version a file config is known by: a fingerprint of its bytes.
@@ -141,35 +168,37 @@ pub async fn watch_file(
         #[cfg(not(unix))]
         tokio::time::sleep(interval).await;
 
+        // Read and fingerprint off the data-plane thread; parse only what
+        // changed.
         let p = path.clone();
-        let read = tokio::task::spawn_blocking(move || read(&p)).await;
-        let (fp, cfg) = match read {
-            Ok(Ok(x)) => x,
-            Ok(Err(e)) => {
+        let raw = tokio::task::spawn_blocking(move || RawConfig::read(&p)).await;
+        let Ok(raw) = raw else { continue };
+        let fp = match &raw {
+            Ok(raw) => raw.fingerprint(),
+            Err(e) => {
                 let mut h = std::collections::hash_map::DefaultHasher::new();
-                e.hash(&mut h);
-                let fp = h.finish();
-                if last_bad != Some(fp) {
-                    last_bad = Some(fp);
-                    proxy
-                        .metrics
-                        .config_reloads
-                        .get_or_create(&ResultLabels { result: "rejected" })
-                        .inc();
-                    error!(path = %path.display(), error = %e, "config unreadable; the running config stays");
-                }
-                continue;
+                e.to_string().hash(&mut h);
+                h.finish()
             }
-            Err(_) => continue,
         };
         if last == Some(fp) || last_bad == Some(fp) {
             continue;
         }
-        // Validate, compile and swap off the data-plane thread.
-        let (p, s) = (proxy.clone(), settings.clone());
-        let applied = tokio::task::spawn_blocking(move || apply(&p, &s, cfg, file_version(fp)))
-            .await
-            .unwrap_or_else(|e| Err(e.to_string()));
+        // Parse, validate, compile and swap off the data-plane thread.
+        let (p, s, at) = (proxy.clone(), settings.clone(), path.clone());
+        let applied = tokio::task::spawn_blocking(move || {
+            let cfg = raw.and_then(|r| r.parse()).map_err(|e| {
+                p.metrics
+                    .config_reloads
+                    .get_or_create(&ResultLabels { result: "rejected" })
+                    .inc();
+                error!(path = %at.display(), error = %e, "config unreadable; the running config stays");
+                e.to_string()
+            })?;
+            apply(&p, &s, cfg, file_version(fp))
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
         match applied {
             Ok(()) => {
                 last = Some(fp);

@@ -33,6 +33,35 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio_rustls::{client, server, TlsAcceptor, TlsConnector};
 
+/// How the local Service's inbound side treats plaintext.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MtlsMode {
+    /// mTLS only (the default for meshed Services).
+    Strict,
+    /// mTLS and plaintext, for migrating a Service into the mesh.
+    Permissive,
+    /// Plaintext only.
+    Disabled,
+}
+
+impl MtlsMode {
+    pub fn parse(s: &str) -> MtlsMode {
+        match s {
+            "Permissive" => MtlsMode::Permissive,
+            "Disabled" => MtlsMode::Disabled,
+            _ => MtlsMode::Strict,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MtlsMode::Strict => "Strict",
+            MtlsMode::Permissive => "Permissive",
+            MtlsMode::Disabled => "Disabled",
+        }
+    }
+}
+
 /// Longest a handshake may take before the connection is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 

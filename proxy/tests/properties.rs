@@ -10,7 +10,7 @@ use proptest::prelude::*;
 use remora_proxy::path::{normalize, EncodedSlashes, PathError};
 use remora_proxy::request::{prepare, From};
 use remora_proxy::route::Lookup;
-use remora_proxy::runtime::{compile, Runtime, Settings};
+use remora_proxy::runtime::{compile, Runtime, Settings, Validated};
 use std::borrow::Cow;
 
 /// Cases per property: enough to cover the grammar below, few enough that
@@ -293,7 +293,7 @@ fn runtime() -> (tokio::runtime::Runtime, Runtime) {
         .enable_all()
         .build()
         .unwrap();
-    let cfg = remora_proto::prepare(remora_proto::parse_yaml(ROUTES, "routes").unwrap()).unwrap();
+    let cfg = Validated::prepare(remora_proto::parse_yaml(ROUTES, "routes").unwrap()).unwrap();
     let rt = {
         let _in = tokio_rt.enter();
         compile(

@@ -21,9 +21,7 @@ pub fn load(path: &Path) -> Result<Config, Failure> {
         let text = String::from_utf8_lossy(&bytes);
         remora_proto::parse_yaml(&text, STDIN).map_err(load_failure)
     } else {
-        remora_proto::load_path(path)
-            .map(|(_, cfg)| cfg)
-            .map_err(load_failure)
+        remora_proto::load_path(path).map_err(load_failure)
     }
 }
 

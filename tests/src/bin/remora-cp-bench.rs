@@ -1274,7 +1274,8 @@ async fn breakdown(a: BreakdownArgs) -> Result<()> {
             let c = Config::decode(bytes.clone())?;
             let t_dec = t.elapsed();
             let t = Instant::now();
-            let c = remora_proto::prepare(c).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let c =
+                remora_proxy::config::Validated::prepare(c).map_err(|e| anyhow::anyhow!("{e}"))?;
             let t_prep = t.elapsed();
             let t = Instant::now();
             let rt = compile(c, format!("{i}.0"), &current, &settings, &metrics)
