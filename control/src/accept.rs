@@ -166,3 +166,21 @@ pub fn plaintext(
         |tcp, _| async move { Some(tcp) },
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_stream::StreamExt;
+
+    #[tokio::test]
+    async fn accepted_sockets_have_tcp_nodelay() {
+        // Without it a snapshot waits for the proxy's delayed ACK (Nagle):
+        // tonic's own setting does not reach sockets accepted here.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut incoming = plaintext(listener, 4);
+        let _client = TcpStream::connect(addr).await.unwrap();
+        let conn = incoming.next().await.unwrap().unwrap();
+        assert!(conn.inner.nodelay().unwrap());
+    }
+}

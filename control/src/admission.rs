@@ -13,24 +13,15 @@
 use remora_proto::control::Instance;
 use remora_proto::model::Config;
 
-/// Why a proxy's Hello was refused.
+/// Why a proxy's Hello was refused (`MeshError::Invalid` and `Denied`).
 #[derive(Debug, thiserror::Error)]
 pub enum Refused {
-    /// Malformed: refused whoever sends it (INVALID_ARGUMENT).
+    /// Malformed: refused whoever sends it.
     #[error("{0}")]
     Invalid(String),
-    /// Not this caller's to say (PERMISSION_DENIED).
+    /// Not this caller's to say.
     #[error("{0}")]
     Denied(String),
-}
-
-impl From<Refused> for tonic::Status {
-    fn from(r: Refused) -> tonic::Status {
-        match r {
-            Refused::Invalid(m) => tonic::Status::invalid_argument(m),
-            Refused::Denied(m) => tonic::Status::permission_denied(m),
-        }
-    }
 }
 
 /// A caller's verified identity.
@@ -123,10 +114,11 @@ pub fn check_instance(i: &Instance) -> Result<(), String> {
 /// The Service `service` (`namespace/name`) of `cfg` may be fronted by
 /// `caller`: its namespace, and its serviceAccount (default: its name).
 pub fn check_service(cfg: &Config, service: &str, caller: &Caller) -> Result<(), String> {
+    let (ns, name) = service.split_once('/').unwrap_or(("", service));
     let found = cfg.services.iter().find(|s| {
         s.metadata
             .as_ref()
-            .is_some_and(|m| format!("{}/{}", m.namespace, m.name) == service)
+            .is_some_and(|m| m.namespace == ns && m.name == name)
     });
     let Some(svc) = found else {
         return Err(format!(

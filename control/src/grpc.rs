@@ -1,117 +1,33 @@
-//! The gRPC services: Discovery (one stream per proxy) and Admin (what
-//! remoractl calls). Thin: the state and its rules live in `mesh.rs`.
+//! The Admin service (what remoractl calls) and its token check, and the
+//! one place the control plane's errors become gRPC statuses. Thin: the
+//! state and its rules live in `mesh.rs` and the modules it puts together;
+//! Discovery is in `discovery.rs` and `fanout.rs`.
 
-use crate::admission::Caller;
+use crate::error::MeshError;
 use crate::mesh::Mesh;
-use crate::review::{ReviewError, TokenReviewer, Workload};
-use crate::store::Store;
-use futures_util::Stream;
+use crate::store::{Store, StoreError};
 use remora_proto::control::admin_server::Admin;
-use remora_proto::control::discovery_request::Kind;
-use remora_proto::control::discovery_server::Discovery;
 use remora_proto::control::*;
-use std::pin::Pin;
 use std::sync::Arc;
-use tonic::{Request, Response, Status, Streaming};
-use tracing::{debug, info, warn};
+use tonic::{Request, Response, Status};
+use tracing::warn;
 
-pub struct DiscoveryService<S> {
-    pub mesh: Arc<Mesh<S>>,
-    /// With TLS: who may open a Discovery stream.
-    pub auth: Option<DiscoveryAuth>,
-    /// Longest a proxy may take to send its Hello once the stream is open.
-    pub hello_timeout: std::time::Duration,
-}
-
-/// A proxy opens its Discovery stream with its workload certificate (a TLS
-/// client certificate the CA issued, verified in the handshake) once it has
-/// one, and with its bootstrap token before that.
-pub struct DiscoveryAuth {
-    pub reviewer: Option<Arc<dyn TokenReviewer>>,
-    /// Certificates must name identities in this trust domain.
-    pub trust_domain: String,
-}
-
-/// Largest message a proxy may send on its stream (a Hello, an ACK or a
-/// NACK's reason): before authentication nothing big is read.
-pub const MAX_REQUEST_BYTES: usize = 64 << 10;
-
-impl DiscoveryAuth {
-    /// Who is calling: the identity its certificate names, or the one its
-    /// bootstrap token was reviewed for.
-    async fn check<T>(&self, req: &Request<T>) -> Result<(Caller, &'static str), Status> {
-        if let Some(certs) = req.peer_certs() {
-            if let Some(leaf) = certs.first() {
-                let id = spiffe_id(leaf.as_ref()).unwrap_or_default();
-                let caller = Caller::from_spiffe_id(&id, &self.trust_domain).ok_or_else(|| {
-                    Status::unauthenticated(format!(
-                        "the client certificate names {id:?}, not a workload of trust domain {}",
-                        self.trust_domain
-                    ))
-                })?;
-                return Ok((caller, "certificate"));
-            }
+impl From<MeshError> for Status {
+    fn from(e: MeshError) -> Status {
+        let message = e.to_string();
+        match e {
+            MeshError::Invalid(_) => Status::invalid_argument(message),
+            MeshError::Denied(_) => Status::permission_denied(message),
+            MeshError::NotFound(_) => Status::not_found(message),
+            // Another writer won the race: the caller may simply retry.
+            MeshError::Store(StoreError::Conflict { .. }) => Status::aborted(message),
+            MeshError::Store(_) => Status::unavailable(message),
         }
-        let Some(token) = bearer(req) else {
-            return Err(Status::unauthenticated(
-                "Discovery requires a workload certificate or the bootstrap token",
-            ));
-        };
-        let Some(reviewer) = &self.reviewer else {
-            return Err(Status::unauthenticated(
-                "Discovery requires a workload certificate (no bootstrap tokens are configured)",
-            ));
-        };
-        // The identity the token claims is sent with it.
-        let claimed = req
-            .metadata()
-            .get("x-remora-identity")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split_once('/'))
-            .filter(|(ns, sa)| {
-                crate::ca::check_label("namespace", ns).is_ok()
-                    && crate::ca::check_label("service_account", sa).is_ok()
-            });
-        let Some((ns, sa)) = claimed else {
-            return Err(Status::unauthenticated(
-                "a bootstrap token must come with the identity it claims (x-remora-identity: namespace/serviceAccount)",
-            ));
-        };
-        let workload = Workload {
-            namespace: ns,
-            service_account: sa,
-        };
-        reviewer
-            .review(token, workload)
-            .await
-            .map_err(|e| match e {
-                ReviewError::Denied(m) => {
-                    Status::unauthenticated(format!("bootstrap token refused: {m}"))
-                }
-                ReviewError::Unavailable(m) => {
-                    Status::unavailable(format!("the bootstrap token cannot be checked now: {m}"))
-                }
-            })?;
-        let caller = Caller {
-            namespace: ns.to_string(),
-            service_account: sa.to_string(),
-        };
-        Ok((caller, reviewer.kind()))
     }
 }
 
-/// The SPIFFE ID (URI SAN) of a DER certificate.
-pub fn spiffe_id(der: &[u8]) -> Option<String> {
-    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
-    let (_, cert) = X509Certificate::from_der(der).ok()?;
-    let san = cert.subject_alternative_name().ok()??;
-    san.value.general_names.iter().find_map(|n| match n {
-        GeneralName::URI(u) if u.starts_with("spiffe://") => Some(u.to_string()),
-        _ => None,
-    })
-}
-
-fn bearer<T>(req: &Request<T>) -> Option<&str> {
+/// `Bearer <token>` of a request's `authorization` header.
+pub(crate) fn bearer<T>(req: &Request<T>) -> Option<&str> {
     req.metadata()
         .get("authorization")?
         .to_str()
@@ -158,174 +74,53 @@ impl tonic::service::Interceptor for AdminAuth {
     }
 }
 
-type SnapshotStream = Pin<Box<dyn Stream<Item = Result<Snapshot, Status>> + Send>>;
-
-struct Sending<S> {
-    rx: tokio::sync::watch::Receiver<Arc<Snapshot>>,
-    last: Option<String>,
-    first: bool,
-    node: String,
-    mesh: Arc<Mesh<S>>,
-}
-
-#[tonic::async_trait]
-impl<S: Store> Discovery for DiscoveryService<S> {
-    type StreamStream = SnapshotStream;
-
-    async fn stream(
-        &self,
-        request: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<SnapshotStream>, Status> {
-        // What authentication needs of the request: its TLS peer and metadata.
-        let request_head = {
-            let mut r = Request::new(());
-            *r.metadata_mut() = request.metadata().clone();
-            if let Some(info) =
-                request
-                    .extensions()
-                    .get::<tonic::transport::server::TlsConnectInfo<
-                        tonic::transport::server::TcpConnectInfo,
-                    >>()
-            {
-                r.extensions_mut().insert(info.clone());
-            }
-            r
-        };
-        let mut incoming = request.into_inner();
-        let peer = request_head
-            .remote_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default();
-        let limit = self.hello_timeout;
-        let first = tokio::time::timeout(limit, incoming.message())
-            .await
-            .map_err(|_| {
-                warn!(peer, "Discovery stream refused: no Hello within {limit:?}");
-                Status::deadline_exceeded(format!("no Hello within {limit:?}"))
-            })?;
-        let hello = match first {
-            Ok(Some(DiscoveryRequest {
-                kind: Some(Kind::Hello(h)),
-            })) => h,
-            Ok(_) => return Err(Status::invalid_argument("the first message must be Hello")),
-            Err(e) => {
-                warn!(peer, error = %e.message(), "Discovery stream refused before its Hello");
-                return Err(e);
-            }
-        };
-        let node = hello.node_id.chars().take(253).collect::<String>();
-        let (caller, credential) = match &self.auth {
-            Some(auth) => match auth.check(&request_head).await {
-                Ok((c, how)) => (Some(c), how),
-                Err(e) => {
-                    warn!(node, peer, service = %hello.service, error = %e.message(), "Discovery stream refused");
-                    return Err(e);
-                }
-            },
-            None => (None, "none"),
-        };
-        if let Err(refused) = self.mesh.admit(
-            caller.as_ref(),
-            &hello.node_id,
-            &hello.service,
-            hello.instance.as_ref(),
-        ) {
-            let who = caller.as_ref().map(|c| c.to_string()).unwrap_or_default();
-            warn!(node, peer, identity = %who, service = %hello.service, reason = %refused, "Discovery stream refused");
-            return Err(refused.into());
-        }
-        let identity = caller.map(|c| c.to_string()).unwrap_or_default();
-        info!(node, service = %hello.service, last_version = %hello.last_version, %credential, %identity, "proxy connected");
-        let (rx, conn) = self.mesh.connect(
-            &node,
-            &hello.service,
-            &hello.last_version,
-            hello.instance.clone(),
-        );
-
-        // Acks, NACKs and deregistration arrive on the request stream.
-        let (mesh, n) = (self.mesh.clone(), node.clone());
-        tokio::spawn(async move {
-            loop {
-                match incoming.message().await {
-                    Ok(Some(DiscoveryRequest {
-                        kind: Some(Kind::Ack(a)),
-                    })) => mesh.ack(&n, &a.version, &a.error),
-                    Ok(Some(DiscoveryRequest {
-                        kind: Some(Kind::Deregister(_)),
-                    })) => mesh.deregister(&n),
-                    Ok(Some(DiscoveryRequest {
-                        kind: Some(Kind::Register(r)),
-                    })) => {
-                        let Some(instance) = r.instance else { continue };
-                        if let Err(refused) = mesh.register(&n, conn, instance) {
-                            warn!(node = n, reason = %refused, "registration refused");
-                        }
-                    }
-                    Ok(Some(_)) => {}
-                    Ok(None) | Err(_) => break,
-                }
-            }
-            debug!(node = n, "proxy stream ended");
-            mesh.disconnected(&n, conn);
-        });
-
-        // Snapshots go out from the scope's watch channel: the latest only.
-        let start = Sending {
-            rx,
-            last: (!hello.last_version.is_empty()).then_some(hello.last_version),
-            first: true,
-            node,
-            mesh: self.mesh.clone(),
-        };
-        let out = futures_util::stream::unfold(start, |mut st| async move {
-            loop {
-                if !st.first && st.rx.changed().await.is_err() {
-                    return None;
-                }
-                st.first = false;
-                let snap = st.rx.borrow_and_update().clone();
-                if snap.version.is_empty() || st.last.as_deref() == Some(snap.version.as_str()) {
-                    continue;
-                }
-                st.last = Some(snap.version.clone());
-                st.mesh.sent(&st.node, &snap.version);
-                return Some((Ok((*snap).clone()), st));
-            }
-        });
-        Ok(Response::new(Box::pin(out)))
-    }
-}
-
 pub struct AdminService<S> {
     pub mesh: Arc<Mesh<S>>,
+}
+
+fn changed(o: crate::history::Outcome) -> Response<ChangeResponse> {
+    Response::new(ChangeResponse {
+        version: o.version,
+        changed: o.changed,
+        summary: o.summary,
+    })
 }
 
 #[tonic::async_trait]
 impl<S: Store> Admin for AdminService<S> {
     async fn apply(&self, r: Request<ApplyRequest>) -> Result<Response<ChangeResponse>, Status> {
         let r = r.into_inner();
-        let resp = self
+        let o = self
             .mesh
             .apply(r.resources.unwrap_or_default(), &r.author)
             .await?;
-        Ok(Response::new(resp))
+        Ok(changed(o))
     }
 
     async fn diff(&self, r: Request<ApplyRequest>) -> Result<Response<DiffResponse>, Status> {
         let changes = self
             .mesh
-            .diff(r.into_inner().resources.unwrap_or_default())?;
+            .diff(r.into_inner().resources.unwrap_or_default())?
+            .into_iter()
+            .map(|c| ResourceChange {
+                kind: c.key.0.to_string(),
+                namespace: c.key.1,
+                name: c.key.2,
+                action: c.action.as_str().to_string(),
+                before: c.before.map(|r| r.yaml()).unwrap_or_default(),
+                after: c.after.map(|r| r.yaml()).unwrap_or_default(),
+            })
+            .collect();
         Ok(Response::new(DiffResponse { changes }))
     }
 
     async fn delete(&self, r: Request<DeleteRequest>) -> Result<Response<ChangeResponse>, Status> {
         let r = r.into_inner();
-        let resp = self
+        let o = self
             .mesh
             .delete(&r.kind, &r.namespace, &r.name, &r.author)
             .await?;
-        Ok(Response::new(resp))
+        Ok(changed(o))
     }
 
     async fn get(&self, r: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
@@ -344,6 +139,7 @@ impl<S: Store> Admin for AdminService<S> {
         let entries = self
             .mesh
             .history()
+            .await?
             .into_iter()
             .map(|r| HistoryEntry {
                 version: r.version,
@@ -360,95 +156,44 @@ impl<S: Store> Admin for AdminService<S> {
         r: Request<RollbackRequest>,
     ) -> Result<Response<ChangeResponse>, Status> {
         let r = r.into_inner();
-        Ok(Response::new(
-            self.mesh.rollback(r.version, &r.author).await?,
-        ))
+        Ok(changed(self.mesh.rollback(r.version, &r.author).await?))
     }
 
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
-        let (config_version, snapshot_version, proxies) = self.mesh.status();
-        Ok(Response::new(StatusResponse {
-            config_version,
-            snapshot_version,
-            proxies,
-        }))
+        Ok(Response::new(self.mesh.status()))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
+    use crate::admission::Refused;
 
-    /// Accepts one token and records whom it was asked about.
-    #[derive(Default)]
-    struct Recording(Mutex<Vec<(String, String)>>);
-
-    #[tonic::async_trait]
-    impl TokenReviewer for Recording {
-        async fn review(&self, token: &str, w: Workload<'_>) -> Result<(), ReviewError> {
-            self.0
-                .lock()
-                .unwrap()
-                .push((w.namespace.to_string(), w.service_account.to_string()));
-            if token == "good" {
-                Ok(())
-            } else {
-                Err(ReviewError::Denied("wrong token".into()))
-            }
-        }
-
-        async fn still_granted(&self, _: Workload<'_>) -> Result<(), ReviewError> {
-            Ok(())
-        }
-
-        fn kind(&self) -> &'static str {
-            "recording"
-        }
-    }
-
-    fn request(token: Option<&str>, identity: Option<&str>) -> Request<()> {
-        let mut r = Request::new(());
-        if let Some(t) = token {
-            r.metadata_mut()
-                .insert("authorization", format!("Bearer {t}").parse().unwrap());
-        }
-        if let Some(i) = identity {
-            r.metadata_mut()
-                .insert("x-remora-identity", i.parse().unwrap());
-        }
-        r
-    }
-
-    #[tokio::test]
-    async fn discovery_token_is_reviewed_for_the_identity_it_claims() {
-        let reviewer = Arc::new(Recording::default());
-        let auth = DiscoveryAuth {
-            reviewer: Some(reviewer.clone()),
-            trust_domain: "mesh.test".into(),
-        };
-        let claimed = request(Some("good"), Some("shop/api-sa"));
-        let (caller, how) = auth.check(&claimed).await.unwrap();
-        assert_eq!(caller.to_string(), "shop/api-sa");
-        assert_eq!(how, "recording");
+    #[test]
+    fn each_error_has_its_status() {
+        let code = |e: MeshError| Status::from(e).code();
         assert_eq!(
-            *reviewer.0.lock().unwrap(),
-            [("shop".to_string(), "api-sa".to_string())]
+            code(MeshError::Invalid("x".into())),
+            tonic::Code::InvalidArgument
         );
-        // A token must say whom it is for, in a well-formed way.
-        for (token, identity) in [
-            (Some("good"), None),
-            (Some("good"), Some("Shop/api")),
-            (Some("good"), Some("no-slash")),
-            (Some("bad"), Some("shop/api")),
-            (None, None),
-        ] {
-            let refused = auth.check(&request(token, identity)).await;
-            assert_eq!(
-                refused.unwrap_err().code(),
-                tonic::Code::Unauthenticated,
-                "{token:?} {identity:?}"
-            );
-        }
+        assert_eq!(
+            code(Refused::Denied("x".into()).into()),
+            tonic::Code::PermissionDenied
+        );
+        let nf = Status::from(MeshError::NotFound("version 3".into()));
+        assert_eq!(
+            (nf.code(), nf.message()),
+            (tonic::Code::NotFound, "version 3 not found")
+        );
+        let conflict = StoreError::Conflict {
+            expected: 1,
+            found: 2,
+        };
+        assert_eq!(code(conflict.into()), tonic::Code::Aborted);
+        let io = StoreError::Io {
+            path: "p".into(),
+            source: std::io::Error::other("disk"),
+        };
+        assert_eq!(code(io.into()), tonic::Code::Unavailable);
     }
 }

@@ -57,7 +57,7 @@ impl Identity for IdentityService {
         // The workload certificate the caller authenticated with, if any.
         let presented = r.peer_certs().and_then(|c| {
             c.first()
-                .and_then(|leaf| crate::grpc::spiffe_id(leaf.as_ref()))
+                .and_then(|leaf| crate::discovery::spiffe_id(leaf.as_ref()))
         });
         let r = r.into_inner();
         let Some(reviewer) = &self.reviewer else {

@@ -1,24 +1,35 @@
 //! remora-control: the control plane. It keeps the mesh config as a
-//! versioned history (`store`), applies changes all or nothing (`mesh`),
-//! tracks registered instances and connected proxies, and streams each
-//! proxy the snapshot its scope needs (`grpc`). It is also the mesh's CA
+//! versioned history in a store (`history`, `store`), applies changes all
+//! or nothing, tracks registered instances (`registry`) and connected
+//! proxies (`proxies`), and streams each proxy the snapshot its scope needs
+//! (`snapshot`, `discovery`, `fanout`), encoded once per scope; `mesh` puts
+//! these together for the gRPC services (`grpc`). It times pushes and
+//! serves Prometheus metrics (`push`, `metrics`), and is the mesh's CA
 //! (`ca`), issuing proxies their workload certificates (`identity`).
 #![forbid(unsafe_code)]
 
 pub mod accept;
 pub mod admission;
 pub mod ca;
+pub mod discovery;
+pub mod error;
+pub mod fanout;
 pub mod grpc;
+pub mod history;
 pub mod identity;
 pub mod kube;
 pub mod mesh;
+pub mod metrics;
+pub mod proxies;
+pub mod push;
+pub mod registry;
 pub mod resources;
 pub mod review;
+pub mod snapshot;
 pub mod store;
 pub mod tls;
 
 use remora_proto::control::admin_server::AdminServer;
-use remora_proto::control::discovery_server::DiscoveryServer;
 use remora_proto::control::identity_server::IdentityServer;
 use std::future::Future;
 use std::sync::Arc;
@@ -61,19 +72,18 @@ pub async fn serve<S: store::Store>(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
-    let auth = security.tls.is_some().then(|| grpc::DiscoveryAuth {
+    let auth = security.tls.is_some().then(|| discovery::DiscoveryAuth {
         reviewer: security.discovery_reviewer.clone(),
         trust_domain: security.trust_domain.clone(),
     });
     // What proxies send is small (Hello, ACK): nothing big is read from a
-    // stream, authenticated or not. Snapshots going out may be big.
-    let discovery = DiscoveryServer::new(grpc::DiscoveryService {
+    // stream, authenticated or not (discovery::MAX_REQUEST_BYTES).
+    // Snapshots going out may be big, and are written as encoded once.
+    let discovery = fanout::DiscoveryServer::new(discovery::DiscoveryService {
         mesh: mesh.clone(),
         auth,
         hello_timeout: security.hello_timeout,
-    })
-    .max_decoding_message_size(grpc::MAX_REQUEST_BYTES)
-    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    });
     let admin = AdminServer::new(grpc::AdminService { mesh })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -83,12 +93,14 @@ pub async fn serve<S: store::Store>(
             token_file: security.admin_token_file.map(Arc::new),
         },
     );
-    let identity = IdentityServer::new(identity).max_decoding_message_size(grpc::MAX_REQUEST_BYTES);
+    let identity =
+        IdentityServer::new(identity).max_decoding_message_size(discovery::MAX_REQUEST_BYTES);
     let mut builder = tonic::transport::Server::builder()
         // Notice dead proxies (and let them notice us) without traffic.
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
-        .tcp_nodelay(true)
+        // TCP_NODELAY: set on every accepted socket by accept.rs (tonic
+        // ignores Server::tcp_nodelay with an incoming stream of our own).
         // Bounds before anyone is authenticated (tonic's defaults leave
         // these unlimited): a proxy needs one stream, remoractl a few.
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))

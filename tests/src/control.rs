@@ -12,6 +12,8 @@ use std::time::Duration;
 pub struct ControlProcess {
     pub child: Child,
     pub addr: SocketAddr,
+    /// Its Prometheus metrics (`--metrics-addr`, a port the kernel picks).
+    pub metrics: SocketAddr,
     pub logs: Arc<Mutex<String>>,
     /// With --tls: the root (PEM) that verifies it.
     pub ca_pem: Option<String>,
@@ -57,6 +59,7 @@ impl ControlProcess {
             .arg(data.path())
             .arg("--registration-grace")
             .arg(grace)
+            .args(["--metrics-addr", "127.0.0.1:0"])
             .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -86,6 +89,13 @@ impl ControlProcess {
             Duration::from_secs(20),
         )
         .await;
+        let metrics = crate::bound_addr(
+            &mut child,
+            &logs,
+            "metrics listening",
+            Duration::from_secs(20),
+        )
+        .await;
         // The roots that verify it: the generated one, and --ca-cert's.
         let ca_pem = extra.contains(&"--tls").then(|| {
             let mut pem =
@@ -98,6 +108,7 @@ impl ControlProcess {
         ControlProcess {
             child,
             addr,
+            metrics,
             logs,
             ca_pem,
         }

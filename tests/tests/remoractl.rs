@@ -26,6 +26,7 @@ impl ControlPlane {
             .arg(any_port().to_string())
             .arg("--data-dir")
             .arg(dir.path().join("data"))
+            .args(["--metrics-addr", "127.0.0.1:0"])
             .env(
                 "RUST_LOG",
                 std::env::var("REMORA_TEST_LOG").unwrap_or_else(|_| "info".into()),

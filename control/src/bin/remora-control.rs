@@ -4,10 +4,12 @@
 use anyhow::Context;
 use clap::Parser;
 use remora_control::ca::{self, Ca};
+use remora_control::history::Retention;
 use remora_control::identity::IdentityService;
 use remora_control::kube::{KubeConfig, KubernetesReviewer};
+use remora_control::mesh::{Mesh, Options};
 use remora_control::review::{SharedTokenReviewer, TokenFileReviewer, TokenReviewer};
-use remora_control::{mesh::Mesh, serve, store::FileStore, Security};
+use remora_control::{serve, store::FileStore, Security};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -24,6 +26,18 @@ struct Args {
     /// Where the config history is kept (embedded store).
     #[arg(long, env = "REMORA_DATA_DIR", default_value = "remora-data")]
     data_dir: PathBuf,
+    /// Keep at most this many config versions (0: all). The current
+    /// version and the one before it are always kept.
+    #[arg(long, env = "REMORA_HISTORY_KEEP", default_value_t = 1000)]
+    history_keep: u64,
+    /// Prune config versions older than this ("30d", "720h"); the current
+    /// version and the one before it are always kept [default: no limit].
+    #[arg(long, env = "REMORA_HISTORY_MAX_AGE", value_parser = remora_proto::duration::parse)]
+    history_max_age: Option<Duration>,
+    /// Prometheus metrics (GET /metrics) on this address, or "off".
+    /// Loopback by default: it tells who is connected and what they run.
+    #[arg(long, env = "REMORA_CONTROL_METRICS_ADDR", default_value = "127.0.0.1:4201", value_parser = parse_metrics_addr)]
+    metrics_addr: MetricsAddr,
     /// How long a registered instance outlives its proxy's stream.
     #[arg(long, env = "REMORA_REGISTRATION_GRACE", default_value = "10s", value_parser = remora_proto::duration::parse)]
     registration_grace: Duration,
@@ -166,10 +180,30 @@ async fn main() -> anyhow::Result<()> {
             "--listen {listen}: without --tls the control plane serves loopback only (anyone who reaches it could read the config, register endpoints and change the mesh). Add --tls, listen on 127.0.0.1, or say --insecure-dev-plaintext for a local development setup"
         );
     }
+    let metrics_listener = match args.metrics_addr {
+        MetricsAddr::Off => None,
+        MetricsAddr::At(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("--metrics-addr {a}"))?,
+        ),
+    };
     let store = FileStore::open(&args.data_dir).context("opening the data directory")?;
-    let mesh = Mesh::open(store, args.registration_grace)
+    let options = Options {
+        grace: args.registration_grace,
+        retention: Retention {
+            keep: args.history_keep,
+            max_age: args.history_max_age,
+        },
+    };
+    let mesh = Mesh::open(store, options)
         .await
         .context("loading the config history")?;
+    if let Some(l) = metrics_listener {
+        let addr = l.local_addr().context("metrics address")?;
+        info!(%addr, "metrics listening");
+        tokio::spawn(remora_control::metrics::serve(l, mesh.metrics()));
+    }
     mesh.persist_instances(args.data_dir.join("instances.pb"));
     let pki = identity(&args)?;
     mesh.set_trust_bundle(&pki.bundle);
@@ -323,6 +357,23 @@ fn identity(args: &Args) -> anyhow::Result<Pki> {
         bundle,
         reviewer,
     })
+}
+
+/// `--metrics-addr`: an address, or off.
+#[derive(Clone, Debug)]
+enum MetricsAddr {
+    Off,
+    At(SocketAddr),
+}
+
+fn parse_metrics_addr(text: &str) -> Result<MetricsAddr, String> {
+    match text {
+        "off" => Ok(MetricsAddr::Off),
+        a => a
+            .parse()
+            .map(MetricsAddr::At)
+            .map_err(|e| format!("{a:?}: {e} (an address like 127.0.0.1:4201, or off)")),
+    }
 }
 
 async fn shutdown() {

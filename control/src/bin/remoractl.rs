@@ -20,7 +20,10 @@ Exit codes:
      the resource and field); for `diff`: there are changes
   2  usage error, unreadable file, or credentials refused (for `diff`:
      also invalid input)
-  3  control plane unreachable, or another server error";
+  3  control plane unreachable, or another server error
+  4  status --wait: a connected proxy rejected (NACKed) the current
+     version, or some had not ACKed it when the wait ended (they are
+     listed)";
 
 #[derive(Parser)]
 #[command(
@@ -155,8 +158,15 @@ enum Command {
     },
 
     /// List config versions: number, time (UTC), author and summary.
+    ///
+    /// The control plane keeps what its retention allows
+    /// (remora-control --history-keep, --history-max-age).
     #[command(after_help = EXIT_CODES)]
-    History,
+    History {
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value_t = Format::Table)]
+        output: Format,
+    },
 
     /// Make an earlier version's config current again, as a new version.
     ///
@@ -171,15 +181,32 @@ enum Command {
         author: AuthorArg,
     },
 
-    /// Show the config version and each connected proxy's state.
+    /// Show the config version and each proxy's state; wait for a push.
     ///
-    /// For every proxy: its node id, the Service it fronts, whether it is
-    /// connected, the snapshot version it acknowledged, and its state: ACK
-    /// (running what it was last sent), NACK (refused the last snapshot,
-    /// with its reason) or PENDING (a snapshot is on its way). INSTANCE is
-    /// the endpoint it registered, SINCE when it connected.
+    /// A summary line counts the connected proxies, how many run the
+    /// current snapshot version, NACKs and pending ones, and times the
+    /// latest push from its commit to each ACK (p50, p99, last ACK). Then,
+    /// for every proxy: its node id, the Service it fronts, whether it is
+    /// connected, the snapshot version it runs, and its state: ACK (it runs
+    /// the current version), NACK (it rejected the current version, with
+    /// its reason, and runs the one it had), PENDING (the current version
+    /// is on its way) or - (disconnected). INSTANCE is the endpoint it
+    /// registered, SINCE when it connected.
+    ///
+    /// --wait polls until every connected proxy ACKed the current version
+    /// (exit 0), and exits 4 naming the laggards as soon as one NACKs it or
+    /// when the wait ends: run it after `apply` in a pipeline.
     #[command(after_help = EXIT_CODES)]
-    Status,
+    Status {
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value_t = Format::Table)]
+        output: Format,
+        /// Wait for every connected proxy to ACK the current version, at
+        /// most this long.
+        #[arg(long, value_name = "DURATION", num_args = 0..=1, require_equals = true,
+              default_missing_value = "60s", value_parser = parse_timeout)]
+        wait: Option<Duration>,
+    },
 
     /// Validate config offline (no server needed).
     ///
@@ -333,11 +360,11 @@ fn run_remote(ctx: &Ctx, command: Command) -> Result<u8, Failure> {
             } => {
                 commands::delete(ctx, kind, name, namespace, commands::author(author.author)).await
             }
-            Command::History => commands::history(ctx).await,
+            Command::History { output } => commands::history(ctx, output).await,
             Command::Rollback { version, author } => {
                 commands::rollback(ctx, version, commands::author(author.author)).await
             }
-            Command::Status => commands::status(ctx).await,
+            Command::Status { output, wait } => cli::status::run(ctx, output, wait).await,
             Command::Check { .. } | Command::Inject { .. } | Command::Token { .. } => {
                 Err(Failure::usage("offline commands do not run remotely"))
             }

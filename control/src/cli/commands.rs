@@ -8,7 +8,6 @@ use super::{Failure, Kind};
 use remora_proto::control::admin_client::AdminClient;
 use remora_proto::control::{
     ApplyRequest, ChangeResponse, DeleteRequest, GetRequest, HistoryRequest, RollbackRequest,
-    StatusRequest,
 };
 use remora_proto::model::Config;
 use std::io::Write;
@@ -42,7 +41,7 @@ type Client = AdminClient<tonic::service::interceptor::InterceptedService<Channe
 
 impl Ctx {
     /// Connects (eagerly, so an unreachable server fails here with exit 3).
-    async fn client(&self) -> Result<Client, Failure> {
+    pub(crate) async fn client(&self) -> Result<Client, Failure> {
         let url = if self.server.contains("://") {
             self.server.clone()
         } else {
@@ -83,7 +82,7 @@ impl Ctx {
         Ok(AdminClient::with_interceptor(channel, Bearer(token)))
     }
 
-    fn status(&self, s: tonic::Status) -> Failure {
+    pub(crate) fn status(&self, s: tonic::Status) -> Failure {
         Failure::from_status(s, &self.server)
     }
 }
@@ -105,7 +104,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// Writes to stdout; a closed pipe (`remoractl get | head`) is not an error.
-fn emit(text: &str) {
+pub(crate) fn emit(text: &str) {
     let mut out = std::io::stdout().lock();
     let _ = out.write_all(text.as_bytes());
     let _ = out.flush();
@@ -377,13 +376,29 @@ pub async fn delete(
 
 // ---------------------------------------------------------------- history
 
-pub async fn history(ctx: &Ctx) -> Result<u8, Failure> {
+pub async fn history(ctx: &Ctx, format: Format) -> Result<u8, Failure> {
     let mut client = ctx.client().await?;
     let resp = client
         .history(HistoryRequest {})
         .await
         .map_err(|s| ctx.status(s))?
         .into_inner();
+    if format != Format::Table {
+        let entries: Vec<serde_json::Value> = resp
+            .entries
+            .iter()
+            .map(|e| {
+                serde_json::json!({
+                    "version": e.version,
+                    "time": output::utc(e.unix_time),
+                    "author": e.author,
+                    "summary": e.summary,
+                })
+            })
+            .collect();
+        emit(&super::status::render(&serde_json::json!(entries), format)?);
+        return Ok(0);
+    }
     if resp.entries.is_empty() {
         emit("no versions yet\n");
         return Ok(0);
@@ -431,62 +446,4 @@ pub async fn rollback(ctx: &Ctx, version: u64, author: String) -> Result<u8, Fai
         ));
     }
     Ok(0)
-}
-
-// ----------------------------------------------------------------- status
-
-pub async fn status(ctx: &Ctx) -> Result<u8, Failure> {
-    let mut client = ctx.client().await?;
-    let resp = client
-        .status(StatusRequest {})
-        .await
-        .map_err(|s| ctx.status(s))?
-        .into_inner();
-    let mut out = format!(
-        "config version {}, snapshot version {}\n",
-        resp.config_version,
-        dash(&resp.snapshot_version)
-    );
-    if resp.proxies.is_empty() {
-        out.push_str("no proxies\n");
-        emit(&out);
-        return Ok(0);
-    }
-    let mut t = Table::new(&[
-        "NODE",
-        "SERVICE",
-        "CONNECTED",
-        "VERSION",
-        "STATE",
-        "INSTANCE",
-        "SINCE",
-    ]);
-    for p in &resp.proxies {
-        t.row(vec![
-            p.node_id.clone(),
-            dash(&p.service),
-            if p.connected { "yes" } else { "no" }.to_string(),
-            dash(&p.acked_version),
-            proxy_state(p),
-            dash(&p.instance),
-            output::utc(p.connected_since_unix),
-        ]);
-    }
-    out.push_str(&t.render());
-    emit(&out);
-    Ok(0)
-}
-
-/// ACK when the proxy runs what it was last sent; NACK when it refused the
-/// last snapshot sent; PENDING while a sent snapshot awaits an answer.
-fn proxy_state(p: &remora_proto::control::ProxyStatus) -> String {
-    if !p.nacked_version.is_empty() && p.nacked_version == p.sent_version {
-        format!("NACK: {}", dash(&p.nack_error))
-    } else if p.sent_version != p.acked_version {
-        "PENDING".to_string()
-    } else if p.acked_version.is_empty() {
-        "-".to_string()
-    } else {
-        "ACK".to_string()
-    }
 }

@@ -1,12 +1,14 @@
 //! Errors with the exit code they map to. Exit codes:
 //! 0 success; 1 invalid input or rejected by the server; 2 usage error or
-//! unreadable input; 3 server unreachable or other server error.
+//! unreadable input; 3 server unreachable or other server error; 4 (status
+//! --wait) not every connected proxy runs the current version.
 
 use std::fmt;
 
 pub const EXIT_INVALID: u8 = 1;
 pub const EXIT_USAGE: u8 = 2;
 pub const EXIT_SERVER: u8 = 3;
+pub const EXIT_NOT_CONVERGED: u8 = 4;
 
 /// A command that failed: what to print on stderr and the exit code.
 #[derive(Debug)]
@@ -36,6 +38,15 @@ impl Failure {
     pub fn server(message: impl Into<String>) -> Failure {
         Failure {
             code: EXIT_SERVER,
+            message: message.into(),
+        }
+    }
+
+    /// `status --wait`: a proxy NACKed the current version, or some had
+    /// not ACKed it in time (exit 4).
+    pub fn not_converged(message: impl Into<String>) -> Failure {
+        Failure {
+            code: EXIT_NOT_CONVERGED,
             message: message.into(),
         }
     }

@@ -8,6 +8,7 @@ pub mod failure;
 pub mod inject;
 pub mod input;
 pub mod output;
+pub mod status;
 pub mod token;
 
 pub use failure::Failure;
