@@ -547,3 +547,114 @@ async fn sigterm_stops_the_control_plane_even_with_streams_open() {
     // The proxy keeps serving without it.
     assert_eq!(served_by(&p).await, "blue");
 }
+
+/// Runs remoractl against `cp`: (exit code, stdout, stderr).
+async fn remoractl(cp: &ControlProcess, args: &[&str]) -> (i32, String, String) {
+    let out = tokio::process::Command::new(binary("remoractl"))
+        .arg("--server")
+        .arg(cp.url())
+        .args(args)
+        .env_remove("REMORA_SERVER")
+        .output()
+        .await
+        .expect("run remoractl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn status_after_a_control_plane_restart_shows_ack_for_proxies_on_the_current_version() {
+    let (blue, green) = blue_green().await;
+    let (data, state) = (TempDir::new("cp-data"), TempDir::new("cp-state"));
+    let mut cp = ControlProcess::start(&data).await;
+    cp.apply(&mesh(&blue, &green, "green")).await.unwrap();
+    let _proxies = [
+        proxy(&cp, "a", &state, &[]).await,
+        proxy(&cp, "b", &state, &[]).await,
+    ];
+    let version = all_acked(&cp, 2).await;
+    let addr = cp.addr;
+    cp.stop().await;
+    let cp = ControlProcess::start_on(addr, &data, "2s").await;
+    wait_until(
+        "both proxies reconnected",
+        Duration::from_secs(20),
+        || async {
+            let s = cp.status().await;
+            s.proxies.len() == 2 && s.proxies.iter().all(|p| p.connected)
+        },
+    )
+    .await;
+    // They run the current version (nothing was sent again): ACK, not
+    // PENDING, right away.
+    let (code, out, err) = remoractl(&cp, &["status", "-o", "json"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(doc["snapshotVersion"], version.as_str(), "{out}");
+    for p in doc["proxies"].as_array().unwrap() {
+        assert_eq!(p["state"], "ACK", "{out}");
+        assert_eq!(p["version"], version.as_str(), "{out}");
+    }
+    assert_eq!(doc["summary"]["current"], 2, "{out}");
+    let (code, out, err) = remoractl(&cp, &["status"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("2 proxies connected, 2 on the current version, 0 NACKs, 0 pending"),
+        "{out}"
+    );
+    assert!(!out.contains("PENDING"), "{out}");
+    let (code, out, err) = remoractl(&cp, &["status", "--wait=10s", "-o", "yaml"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("state: ACK"), "{out}");
+}
+
+#[tokio::test]
+async fn status_wait_succeeds_after_an_apply_and_fails_naming_a_proxy_that_nacks() {
+    let (blue, green) = blue_green().await;
+    let (data, state) = (TempDir::new("cp-data"), TempDir::new("cp-state"));
+    let cp = ControlProcess::start(&data).await;
+    cp.apply(&mesh(&blue, &green, "blue")).await.unwrap();
+    let _strict = proxy(&cp, "strict", &state, &["--max-route-rules", "1"]).await;
+    let _normal = proxy(&cp, "normal", &state, &[]).await;
+
+    // An apply every proxy takes: --wait returns once both ACKed it.
+    assert_eq!(cp.apply(&mesh(&blue, &green, "green")).await.unwrap(), 2);
+    let (code, out, err) = remoractl(&cp, &["status", "--wait=20s"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("config version 2, snapshot version 2."),
+        "{out}"
+    );
+    assert!(
+        out.contains("2 proxies connected, 2 on the current version"),
+        "{out}"
+    );
+    assert!(out.contains("last push (2."), "{out}");
+
+    // Two rules: over the strict proxy's limit. --wait fails at its NACK,
+    // naming it and why, without waiting out the 60 s.
+    let two_rules = mesh(&blue, &green, "blue").replace(
+        "  rules:\n",
+        "  rules:\n  - backendRefs: [{name: green}]\n    matches: [{path: {type: Exact, value: /x}}]\n",
+    );
+    assert_eq!(cp.apply(&two_rules).await.unwrap(), 3);
+    let t0 = std::time::Instant::now();
+    let (code, out, err) = remoractl(&cp, &["status", "--wait"]).await;
+    assert_eq!(code, 4, "{out}{err}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(30),
+        "it waited out the timeout"
+    );
+    // NACKs first (normal may still be on its way: PENDING).
+    assert!(
+        err.contains("a proxy rejected snapshot version 3.")
+            && err.contains("of 2 proxies: strict (NACK: ")
+            && err.contains("--max-route-rules"),
+        "{err}"
+    );
+    assert!(!err.contains("normal (NACK"), "{err}");
+    assert!(out.contains("NACK: "), "{out}");
+}
