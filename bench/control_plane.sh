@@ -6,8 +6,12 @@
 # Scenarios (all on loopback, each with its own remora-control and data dir):
 #   fanout     one remora-control holding STREAMS Discovery streams (opened by
 #              remora-cp-bench over CHANNELS HTTP/2 connections); REPEAT applies,
-#              Apply -> ACK latency per stream and from Admin.Status; control-plane
-#              VmRSS / VmHWM while holding them.
+#              Apply -> ACK latency per stream, from Admin.Status and (when the
+#              control plane has --metrics-addr) its own commit -> last ACK
+#              gauge; control-plane VmRSS / VmHWM while holding them.
+#   versions   one remora-control on a ROUTES-route mesh: VERSIONS one-route
+#              changes committed back to back; its VmRSS as versions
+#              accumulate, and the Admin.Apply time.
 #   swap       a real remora-proxy on a ROUTES-route mesh: `config applied ...
 #              micros=` for the first snapshot and for re-applies, and request
 #              latency at RATE req/s through its outbound listener without swaps
@@ -17,17 +21,20 @@
 #              BREAKDOWN_PARENTS shapes.
 #
 # Environment (all optional):
-#   SCENARIOS="fanout swap breakdown"
-#   STREAMS=10000 CHANNELS=100 REPEAT=5      fan-out size and applies
+#   SCENARIOS="fanout versions swap breakdown"
+#   STREAMS=10000 CHANNELS=400 REPEAT=5      fan-out size and applies (the
+#                      control plane takes at most 32 streams per connection)
 #   FANOUT_ROUTES=100 FANOUT_PARENTS=10      mesh the fan-out streams receive
 #   STATUS_POLL_MS=20                        Admin.Status poll interval
-#   ROUTES=5000 PARENTS=50 BACKENDS=4        mesh of the swap scenario
+#   ROUTES=5000 PARENTS=50 BACKENDS=4        mesh of the swap and versions scenarios
+#   VERSIONS=1000                            versions committed by `versions`
 #   RATE=1000 DURATION=5 WARMUP=1            paced load (req/s, s per phase)
 #   SWAP_EVERY_MS=500 IDLE_SWAPS=10          swaps under load / without load
 #   BREAKDOWN_PARENTS=1,50,500 BREAKDOWN_ITERS=11
-#   PORT_BASE=18300    ports: BASE (control, fanout), BASE+1 (control, swap),
-#                      BASE+2 (remora-demo upstream), BASE+3 (proxy outbound),
-#                      BASE+4 (proxy admin)
+#   PORT_BASE=18300    ports: BASE (control, fanout and versions), BASE+1
+#                      (control, swap), BASE+2 (remora-demo upstream), BASE+3
+#                      (proxy outbound), BASE+4 (proxy admin), BASE+5 and
+#                      BASE+6 (the two control planes' metrics)
 #   LOADGEN_CPU=0 PROXY_CPU=1   swap scenario: the proxy alone on PROXY_CPU;
 #                      control plane, upstream and load generator on LOADGEN_CPU
 #   NICE=-20           nice level of the processes measured (default -20 as root,
@@ -42,9 +49,9 @@ set -euo pipefail
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$BENCH_DIR/.." && pwd)
 
-SCENARIOS=${SCENARIOS:-"fanout swap breakdown"}
+SCENARIOS=${SCENARIOS:-"fanout versions swap breakdown"}
 STREAMS=${STREAMS:-10000}
-CHANNELS=${CHANNELS:-100}
+CHANNELS=${CHANNELS:-400}
 REPEAT=${REPEAT:-5}
 FANOUT_ROUTES=${FANOUT_ROUTES:-100}
 FANOUT_PARENTS=${FANOUT_PARENTS:-10}
@@ -52,6 +59,7 @@ STATUS_POLL_MS=${STATUS_POLL_MS:-20}
 ROUTES=${ROUTES:-5000}
 PARENTS=${PARENTS:-50}
 BACKENDS=${BACKENDS:-4}
+VERSIONS=${VERSIONS:-1000}
 RATE=${RATE:-1000}
 DURATION=${DURATION:-5}
 WARMUP=${WARMUP:-1}
@@ -70,6 +78,8 @@ CONTROL_SWAP_PORT=$((PORT_BASE + 1))
 UPSTREAM_PORT=$((PORT_BASE + 2))
 OUTBOUND_PORT=$((PORT_BASE + 3))
 ADMIN_PORT=$((PORT_BASE + 4))
+METRICS_FANOUT_PORT=$((PORT_BASE + 5))
+METRICS_SWAP_PORT=$((PORT_BASE + 6))
 
 log() { printf '[cp-bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() {
@@ -77,14 +87,14 @@ die() {
     exit 1
 }
 
-for v in STREAMS CHANNELS REPEAT FANOUT_ROUTES FANOUT_PARENTS STATUS_POLL_MS ROUTES PARENTS BACKENDS \
+for v in STREAMS CHANNELS REPEAT FANOUT_ROUTES FANOUT_PARENTS STATUS_POLL_MS ROUTES PARENTS BACKENDS VERSIONS \
     RATE DURATION WARMUP SWAP_EVERY_MS IDLE_SWAPS BREAKDOWN_ITERS PORT_BASE LOADGEN_CPU PROXY_CPU READY_TIMEOUT; do
     [[ ${!v} =~ ^[0-9]+$ ]] || die "$v must be a non-negative integer (got '${!v}')"
 done
 [[ $NICE =~ ^-?[0-9]+$ ]] || die "NICE must be an integer (got '$NICE')"
 [[ $BREAKDOWN_PARENTS =~ ^[0-9]+(,[0-9]+)*$ ]] || die "BREAKDOWN_PARENTS must be a comma-separated list of integers"
 for s in $SCENARIOS; do
-    case $s in fanout | swap | breakdown) ;; *) die "unknown scenario '$s' (fanout, swap, breakdown)" ;; esac
+    case $s in fanout | versions | swap | breakdown) ;; *) die "unknown scenario '$s' (fanout, versions, swap, breakdown)" ;; esac
 done
 NCPU=$(nproc)
 ((LOADGEN_CPU < NCPU && PROXY_CPU < NCPU)) || die "LOADGEN_CPU/PROXY_CPU must be below $NCPU"
@@ -143,11 +153,11 @@ port_free() { [[ -z $(ss -Htln "sport = :$1") ]]; }
 needed_ports=()
 for s in $SCENARIOS; do
     case $s in
-    fanout) needed_ports+=("$CONTROL_FANOUT_PORT") ;;
-    swap) needed_ports+=("$CONTROL_SWAP_PORT" "$UPSTREAM_PORT" "$OUTBOUND_PORT" "$ADMIN_PORT") ;;
+    fanout | versions) needed_ports+=("$CONTROL_FANOUT_PORT" "$METRICS_FANOUT_PORT") ;;
+    swap) needed_ports+=("$CONTROL_SWAP_PORT" "$UPSTREAM_PORT" "$OUTBOUND_PORT" "$ADMIN_PORT" "$METRICS_SWAP_PORT") ;;
     esac
 done
-for p in "${needed_ports[@]}"; do
+for p in $(printf '%s\n' "${needed_ports[@]}" | sort -u); do
     port_free "$p" || die "port $p is in use (move the benchmark with PORT_BASE=...)"
 done
 
@@ -182,6 +192,7 @@ mkdir -p "$OUT_DIR/logs"
     echo "nice: $NICE"
     echo "scenarios: $SCENARIOS"
     echo "fanout: STREAMS=$STREAMS CHANNELS=$CHANNELS REPEAT=$REPEAT FANOUT_ROUTES=$FANOUT_ROUTES FANOUT_PARENTS=$FANOUT_PARENTS STATUS_POLL_MS=$STATUS_POLL_MS"
+    echo "versions: ROUTES=$ROUTES PARENTS=$PARENTS BACKENDS=$BACKENDS VERSIONS=$VERSIONS"
     echo "swap: ROUTES=$ROUTES PARENTS=$PARENTS BACKENDS=$BACKENDS RATE=$RATE DURATION=$DURATION WARMUP=$WARMUP SWAP_EVERY_MS=$SWAP_EVERY_MS IDLE_SWAPS=$IDLE_SWAPS LOADGEN_CPU=$LOADGEN_CPU PROXY_CPU=$PROXY_CPU"
     echo "breakdown: ROUTES=$ROUTES BREAKDOWN_PARENTS=$BREAKDOWN_PARENTS BREAKDOWN_ITERS=$BREAKDOWN_ITERS BACKENDS=$BACKENDS"
     for b in remora-control remora-proxy; do echo "$b: $("$BIN/$b" --version 2>/dev/null)"; done
@@ -218,13 +229,24 @@ wait_ready() { # url pid what
     done
 }
 
-start_control() { # port name -> CONTROL_PID
-    local data=$TMP/data-$2
+# Whether this remora-control serves metrics (releases before --metrics-addr
+# do not; the benchmark runs against them too, for before/after figures).
+HAS_METRICS=0
+if "$BIN/remora-control" --help 2>/dev/null | grep -q -- --metrics-addr; then HAS_METRICS=1; fi
+
+start_control() { # port metrics-port name prefix... -> CONTROL_PID, CONTROL_METRICS
+    local data=$TMP/data-$3 metrics=()
+    rm -rf "$data"
     mkdir -p "$data"
-    spawn "$OUT_DIR/logs/control-$2.log" "${@:3}" env RUST_LOG=info \
-        "$BIN/remora-control" --listen "127.0.0.1:$1" --data-dir "$data"
+    CONTROL_METRICS=
+    if ((HAS_METRICS)); then
+        metrics=(--metrics-addr "127.0.0.1:$2")
+        CONTROL_METRICS=127.0.0.1:$2
+    fi
+    spawn "$OUT_DIR/logs/control-$3.log" "${@:4}" env RUST_LOG=info \
+        "$BIN/remora-control" --listen "127.0.0.1:$1" --data-dir "$data" "${metrics[@]}"
     CONTROL_PID=$LAST_PID
-    wait_tcp "$1" "$CONTROL_PID" "remora-control ($2)"
+    wait_tcp "$1" "$CONTROL_PID" "remora-control ($3)"
 }
 
 # Runs a remora-cp-bench subcommand: table to $OUT_DIR/<name>.txt (and the
@@ -251,13 +273,25 @@ bench() { # name prefix... -- args...
 
 run_fanout() {
     log "fanout: remora-control + $STREAMS streams over $CHANNELS connections, $REPEAT applies"
-    start_control "$CONTROL_FANOUT_PORT" fanout "${PRIO[@]}"
+    start_control "$CONTROL_FANOUT_PORT" "$METRICS_FANOUT_PORT" fanout "${PRIO[@]}"
+    local metrics=()
+    [[ -z $CONTROL_METRICS ]] || metrics=(--control-metrics "$CONTROL_METRICS")
     bench fanout "${PRIO[@]}" -- fanout \
-        --control "127.0.0.1:$CONTROL_FANOUT_PORT" --control-pid "$CONTROL_PID" \
+        --control "127.0.0.1:$CONTROL_FANOUT_PORT" --control-pid "$CONTROL_PID" "${metrics[@]}" \
         --streams "$STREAMS" --channels "$CHANNELS" --repeat "$REPEAT" \
         --status-poll-ms "$STATUS_POLL_MS" \
         --routes "$FANOUT_ROUTES" --parents "$FANOUT_PARENTS" --backends "$BACKENDS" \
         --out "$OUT_DIR/fanout.json"
+    stop_all
+}
+
+run_versions() {
+    log "versions: remora-control on a $ROUTES-route mesh, $VERSIONS one-route changes"
+    start_control "$CONTROL_FANOUT_PORT" "$METRICS_FANOUT_PORT" versions "${PRIO[@]}"
+    bench versions "${PRIO[@]}" -- versions \
+        --control "127.0.0.1:$CONTROL_FANOUT_PORT" --control-pid "$CONTROL_PID" \
+        --versions "$VERSIONS" --routes "$ROUTES" --parents "$PARENTS" --backends "$BACKENDS" \
+        --out "$OUT_DIR/versions.json"
     stop_all
 }
 
@@ -266,7 +300,7 @@ run_swap() {
     local side=(taskset -c "$LOADGEN_CPU") pin=(taskset -c "$PROXY_CPU")
     # The control plane's apply work shares the load generator's core; it
     # runs at normal priority so the load generator is not delayed by it.
-    start_control "$CONTROL_SWAP_PORT" swap "${side[@]}"
+    start_control "$CONTROL_SWAP_PORT" "$METRICS_SWAP_PORT" swap "${side[@]}"
     spawn "$OUT_DIR/logs/upstream.log" "${PRIO[@]}" "${side[@]}" \
         "$BIN/remora-demo" --addr "127.0.0.1:$UPSTREAM_PORT" --name upstream
     local upstream_pid=$LAST_PID

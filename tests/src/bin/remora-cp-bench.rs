@@ -8,6 +8,9 @@
 //!   and Apply → every proxy ACKed in Admin.Status (server side), plus the
 //!   control plane's RSS while it holds the streams.
 //! * `seed`: applies the big mesh (N HTTPRoutes) a real proxy then boots on.
+//! * `versions`: on that mesh, commits many one-route changes back to back
+//!   and follows the control plane's RSS as versions accumulate, and the
+//!   Admin.Apply time.
 //! * `swap`: with a real remora-proxy subscribed to that mesh, reads the
 //!   `config applied ... micros=` lines of its (JSON) log for re-applies,
 //!   and runs a paced open-loop HTTP load through its outbound listener,
@@ -56,6 +59,8 @@ enum Cmd {
     Fanout(FanoutArgs),
     /// Applies the N-route mesh that `swap` then changes.
     Seed(SeedArgs),
+    /// Many one-route changes in a row: control-plane RSS as versions accumulate.
+    Versions(VersionsArgs),
     /// A real proxy on the N-route mesh: apply cost and request latency during swaps.
     Swap(SwapArgs),
     /// In process: decode / validate / compile / swap of an N-route snapshot, step by step.
@@ -102,12 +107,18 @@ struct FanoutArgs {
     /// Pause between applies.
     #[arg(long, default_value_t = 1000)]
     pause_ms: u64,
-    /// Admin.Status poll interval while waiting for every ACK.
+    /// Admin.Status poll interval while waiting for every ACK (0: do not
+    /// poll; each Status of 10,000 proxies costs the control plane CPU
+    /// during the push it measures).
     #[arg(long, default_value_t = 20)]
     status_poll_ms: u64,
     /// Give up on an apply after this long.
     #[arg(long, default_value_t = 30)]
     timeout_s: u64,
+    /// remora-control's metrics address (--metrics-addr), to read its own
+    /// commit → last ACK gauge after each apply.
+    #[arg(long)]
+    control_metrics: Option<SocketAddr>,
     #[command(flatten)]
     mesh: MeshArgs,
     /// Where the JSON results go.
@@ -119,6 +130,22 @@ struct FanoutArgs {
 struct SeedArgs {
     #[arg(long)]
     control: SocketAddr,
+    #[command(flatten)]
+    mesh: MeshArgs,
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct VersionsArgs {
+    #[arg(long)]
+    control: SocketAddr,
+    /// remora-control's pid (RSS).
+    #[arg(long)]
+    control_pid: u32,
+    /// Versions to commit after the seed.
+    #[arg(long, default_value_t = 1000)]
+    versions: usize,
     #[command(flatten)]
     mesh: MeshArgs,
     #[arg(long)]
@@ -191,6 +218,7 @@ fn main() -> Result<()> {
         match cli.cmd {
             Cmd::Fanout(a) => fanout(a).await,
             Cmd::Seed(a) => seed(a).await,
+            Cmd::Versions(a) => versions(a).await,
             Cmd::Swap(a) => swap(a).await,
             Cmd::Breakdown(a) => breakdown(a).await,
         }
@@ -607,20 +635,47 @@ async fn fanout(a: FanoutArgs) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(a.pause_ms)).await;
         let change = changer.next();
         let status_client = admin(a.control).await?;
+        let pushes_before = match a.control_metrics {
+            Some(m) => scrape(m, "remora_control_push_seconds_count").await,
+            None => None,
+        };
         let (cp0, me0, busy0) = (cpu_ns(pid), cpu_ns(std::process::id()), busy_ms(None));
         let t0 = now_ns();
         let (v, rpc) = apply(&mut adm, change).await?;
-        let status = tokio::spawn(status_until_acked(
-            status_client,
-            v,
-            a.streams,
-            t0,
-            Duration::from_millis(a.status_poll_ms),
-            Duration::from_secs(a.timeout_s),
-        ));
+        let status = (a.status_poll_ms > 0).then(|| {
+            tokio::spawn(status_until_acked(
+                status_client,
+                v,
+                a.streams,
+                t0,
+                Duration::from_millis(a.status_poll_ms),
+                Duration::from_secs(a.timeout_s),
+            ))
+        });
         let got = st.wait_all(v, Duration::from_secs(a.timeout_s)).await;
         let client_done_ms = ms(now_ns() - t0);
-        let (status_last, status_rpc) = status.await?;
+        let (status_last, status_rpc) = match status {
+            Some(s) => s.await?,
+            None => (None, Vec::new()),
+        };
+        // The server's own view: its push histogram counted every stream's
+        // ACK (one per proxy); then its commit → last ACK gauge.
+        let server_last_ack = match (a.control_metrics, pushes_before) {
+            (Some(m), Some(before)) => {
+                let end = Instant::now() + Duration::from_secs(a.timeout_s);
+                while Instant::now() < end
+                    && scrape(m, "remora_control_push_seconds_count")
+                        .await
+                        .is_none_or(|n| n < before + got as f64)
+                {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                scrape(m, "remora_control_push_last_ack_seconds")
+                    .await
+                    .map(|s| round(s * 1e3, 2))
+            }
+            _ => None,
+        };
         let (cp_cpu, me_cpu) = (cpu_ns(pid) - cp0, cpu_ns(std::process::id()) - me0);
         // What else ran on the machine meanwhile (other work steals the cores
         // the two processes share).
@@ -644,6 +699,7 @@ async fn fanout(a: FanoutArgs) -> Result<()> {
             "first_ack_ms": round(pct(&lat, 0.0), 2),
             "client_all_seen_ms": round(client_done_ms, 2),
             "status_last_ack_ms": status_last.map(|x| round(x, 2)),
+            "server_commit_to_last_ack_ms": server_last_ack,
             "status_polls": status_rpc.len(),
             "status_rpc_ms_median": round(median(&status_rpc), 2),
             "control_cpu_ms": round(ms(cp_cpu), 1),
@@ -662,6 +718,7 @@ async fn fanout(a: FanoutArgs) -> Result<()> {
         "ack_p99_ms": med("ack_p99_ms"),
         "ack_max_ms": med("ack_max_ms"),
         "status_last_ack_ms": med("status_last_ack_ms"),
+        "server_commit_to_last_ack_ms": med("server_commit_to_last_ack_ms"),
         "status_rpc_ms": med("status_rpc_ms_median"),
         "control_cpu_ms": med("control_cpu_ms"),
         "client_cpu_ms": med("client_cpu_ms"),
@@ -700,26 +757,28 @@ async fn fanout(a: FanoutArgs) -> Result<()> {
         ramp_status.map_or("?".into(), |x| format!("{x:.0}"))
     );
     println!(
-        "{:<6}{:>10}{:>10}{:>10}{:>10}{:>16}{:>12}{:>12}{:>12}",
+        "{:<6}{:>10}{:>10}{:>10}{:>10}{:>16}{:>16}{:>12}{:>12}{:>12}",
         "apply",
         "rpc ms",
         "p50 ms",
         "p99 ms",
         "max ms",
         "status-last ms",
+        "server-last ms",
         "cp cpu ms",
         "cli cpu ms",
         "other ms"
     );
     let row = |name: &str, r: &Value| {
         println!(
-            "{:<6}{:>10}{:>10}{:>10}{:>10}{:>16}{:>12}{:>12}{:>12}",
+            "{:<6}{:>10}{:>10}{:>10}{:>10}{:>16}{:>16}{:>12}{:>12}{:>12}",
             name,
             cell(&r["apply_rpc_ms"]),
             cell(&r["ack_p50_ms"]),
             cell(&r["ack_p99_ms"]),
             cell(&r["ack_max_ms"]),
             cell(&r["status_last_ack_ms"]),
+            cell(&r["server_commit_to_last_ack_ms"]),
             cell(&r["control_cpu_ms"]),
             cell(&r["client_cpu_ms"]),
             cell(&r["other_cpu_ms"])
@@ -770,6 +829,78 @@ async fn seed(a: SeedArgs) -> Result<()> {
         rpc.as_secs_f64() * 1e3
     );
     write_json(&a.out, &out)
+}
+
+// ------------------------------------------------------------------ versions
+
+/// One sample of a Prometheus metric (the first line named `name`).
+async fn scrape(addr: SocketAddr, name: &str) -> Option<f64> {
+    let req = http::Request::get(format!("http://{addr}/metrics"))
+        .body(Full::new(Bytes::new()))
+        .ok()?;
+    let resp = remora_tests::http1_client().request(req).await.ok()?;
+    let body = resp.into_body().collect().await.ok()?.to_bytes();
+    String::from_utf8_lossy(&body)
+        .lines()
+        .find(|l| l.split(['{', ' ']).next() == Some(name))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+async fn versions(a: VersionsArgs) -> Result<()> {
+    let m = &a.mesh;
+    let mut adm = admin(a.control).await?;
+    let baseline = mem_json(a.control_pid);
+    let (v0, seed_rpc) = apply(&mut adm, mesh_config(m)?).await?;
+    let mut changer = Changer::new(m);
+    let mut samples = vec![json!({"version": v0, "mem": mem_json(a.control_pid)})];
+    let mut rpc = Vec::with_capacity(a.versions);
+    let checkpoints = |n: usize| n == 1 || n == 10 || n.is_multiple_of(100);
+    let t0 = Instant::now();
+    for n in 1..=a.versions {
+        let (v, took) = apply(&mut adm, changer.next()).await?;
+        rpc.push(took.as_secs_f64() * 1e3);
+        if checkpoints(n) || n == a.versions {
+            let mem = mem_json(a.control_pid);
+            eprintln!("version {v}: VmRSS {} MB", mem["vm_rss_mb"]);
+            samples.push(json!({"version": v, "mem": mem}));
+        }
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    let sorted_rpc = sorted(rpc.clone());
+    let out = json!({
+        "scenario": "versions",
+        "mesh": {"routes": m.routes, "parents": m.parents, "backends": m.backends},
+        "seed_apply_rpc_ms": round(seed_rpc.as_secs_f64() * 1e3, 2),
+        "versions": a.versions,
+        "seconds": round(elapsed, 1),
+        "apply_rpc_ms": {"p50": round(pct(&sorted_rpc, 50.0), 2), "p99": round(pct(&sorted_rpc, 99.0), 2), "max": round(pct(&sorted_rpc, 100.0), 2)},
+        "control_mem": {"baseline": baseline, "samples": samples, "end": mem_json(a.control_pid)},
+    });
+    write_json(&a.out, &out)?;
+    println!();
+    println!(
+        "Versions: {} one-route changes on a {}-route mesh in {:.1} s; Admin.Apply p50 {} ms, p99 {} ms, max {} ms",
+        a.versions,
+        m.routes,
+        elapsed,
+        out["apply_rpc_ms"]["p50"],
+        out["apply_rpc_ms"]["p99"],
+        out["apply_rpc_ms"]["max"]
+    );
+    println!("{:>10}{:>14}{:>14}", "version", "VmRSS MB", "VmHWM MB");
+    for s in out["control_mem"]["samples"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        println!(
+            "{:>10}{:>14}{:>14}",
+            cell(&s["version"]),
+            cell(&s["mem"]["vm_rss_mb"]),
+            cell(&s["mem"]["vm_hwm_mb"])
+        );
+    }
+    Ok(())
 }
 
 // ------------------------------------------------------------------ swap
