@@ -29,6 +29,14 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+/// jemalloc, not glibc's malloc: glibc keeps what connections freed in its
+/// heap (an allocation still live above it pins the rest), so RSS stayed at
+/// its peak after the connections closed; jemalloc's background thread
+/// hands unused pages back within seconds. See BENCHMARKS.md,
+/// "Per-connection memory".
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn duration(s: &str) -> Result<Duration, String> {
     remora_proto::duration::parse(s)
 }

@@ -87,12 +87,36 @@ const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// TCP keep-alive on upstream connections (also for opaque TCP).
 const TCP_KEEPALIVE: Duration = Duration::from_secs(30);
 
+/// Upstream HTTP/2 memory. A response whose downstream client stops
+/// reading holds at most its stream window here (the spec's 64 KiB; hyper's
+/// default was 2 MiB). The connection window bounds what one upstream
+/// connection holds in all, and the connection is shared by every client's
+/// requests: at 4 MiB it takes 64 such stuck responses, not 3 (hyper's
+/// 5 MiB / 2 MiB), before it stalls for everyone (pools count on 100
+/// streams a connection).
+const UPSTREAM_H2_STREAM_WINDOW: u32 = 65_535;
+const UPSTREAM_H2_CONN_WINDOW: u32 = 4 * 1024 * 1024;
+/// Request body bytes queued per stream for an upstream that does not read
+/// (hyper's default: 1 MiB); past it the downstream is not read either.
+const UPSTREAM_H2_SEND_BUF: usize = 64 * 1024;
+/// How far an upstream HTTP/1 connection's read buffer may grow (hyper's
+/// default: about 400 KiB), and so the largest body chunk it hands over:
+/// a response whose client stops reading holds both (32 KiB, not 800),
+/// and the buffer keeps its size while the connection idles in the pool.
+/// It is also the largest response head accepted: HAProxy's default
+/// buffer is the same, nginx's (proxy_buffer_size) 4-8 KiB.
+const UPSTREAM_H1_MAX_BUF: usize = 16 * 1024;
+
 fn client_builder(cfg: &PoolConfig) -> hyper_util::client::legacy::Builder {
     let mut b = Client::builder(TokioExecutor::new());
     b.pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
         .pool_idle_timeout(cfg.idle_timeout)
         .pool_max_idle_per_host(cfg.max_connections)
+        .http1_max_buf_size(UPSTREAM_H1_MAX_BUF)
+        .http2_initial_stream_window_size(UPSTREAM_H2_STREAM_WINDOW)
+        .http2_initial_connection_window_size(UPSTREAM_H2_CONN_WINDOW)
+        .http2_max_send_buf_size(UPSTREAM_H2_SEND_BUF)
         .http2_keep_alive_interval(H2_KEEPALIVE)
         .http2_keep_alive_timeout(H2_KEEPALIVE_TIMEOUT)
         .http2_keep_alive_while_idle(true);

@@ -53,18 +53,70 @@ pub(crate) struct Listener {
     pub limits: ServerLimits,
 }
 
+/// HTTP/2 memory per client connection. What one client can pin here, by
+/// not reading or by sending faster than its upstream reads, is at most:
+///
+/// - what it sent that no upstream has taken yet: the connection window,
+///   `H2_CONN_WINDOW` (1 MiB);
+/// - what is queued for it that it does not read: `H2_SEND_BUDGET` (4 MiB)
+///   split across its streams (`h2_send_buf`), plus the body chunk each
+///   stream is handing over;
+/// - request heads waiting to be served: `--max-concurrent-streams` ×
+///   `--max-header-bytes` at worst.
+///
+/// hyper's defaults were 1 MiB windows and 400 KiB of send buffer per
+/// stream: 100 MiB for one client that stops reading with 256 streams.
+///
+/// The stream window is the spec's default: a stream whose upstream stalls
+/// holds at most 1/16 of the connection window, so a few stuck uploads do
+/// not stall the client's other streams, and a stream still moves about
+/// 128 MB/s at a 0.5 ms round trip.
+const H2_STREAM_WINDOW: u32 = 65_535;
+const H2_CONN_WINDOW: u32 = 1024 * 1024;
+const H2_SEND_BUDGET: usize = 4 * 1024 * 1024;
+/// A stream's send buffer: never less than one DATA frame at the default
+/// SETTINGS_MAX_FRAME_SIZE (what keeps a stream moving), never more than
+/// hyper's default.
+const H2_MIN_SEND_BUF: usize = 16 * 1024;
+const H2_MAX_SEND_BUF: usize = 400 * 1024;
+/// Streams a client may open and reset before they are served (rapid
+/// reset; h2's default), and resets its protocol errors may force on us
+/// (MadeYouReset) before the connection is closed with GOAWAY.
+const H2_MAX_PENDING_ACCEPT_RESETS: usize = 20;
+const H2_MAX_LOCAL_ERROR_RESETS: usize = 128;
+
+/// Per-stream send buffer: `H2_SEND_BUDGET` over the streams a client may
+/// have open (16 KiB each with the default 256 streams).
+fn h2_send_buf(max_streams: u32) -> usize {
+    (H2_SEND_BUDGET / max_streams.max(1) as usize).clamp(H2_MIN_SEND_BUF, H2_MAX_SEND_BUF)
+}
+
 fn http_builder(limits: &ServerLimits) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
+    // hyper gives every HTTP/1 connection an 8 KiB write buffer and a read
+    // buffer of at least 8 KiB, kept for its whole life, and neither can be
+    // made smaller here (see BENCHMARKS.md, "Per-connection memory").
+    // max_buf_size bounds how far the read buffer grows (the largest request
+    // head) and how many response bytes may wait for a slow client.
+    // writev: response bodies are queued as they are, never copied into the
+    // write buffer, which would keep the size of the largest response it
+    // ever held (hyper's choice when an I/O type says it cannot writev).
     b.http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(limits.max_header_bytes.max(8192))
         .max_headers(limits.max_headers)
+        .writev(true)
         .keep_alive(true);
     b.http2()
         .timer(TokioTimer::new())
         .max_header_list_size(limits.max_header_bytes as u32)
         .max_concurrent_streams(limits.max_concurrent_streams)
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONN_WINDOW)
+        .max_send_buf_size(h2_send_buf(limits.max_concurrent_streams))
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_ACCEPT_RESETS)
+        .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESETS)
         .keep_alive_interval(Some(Duration::from_secs(30)));
     b
 }
