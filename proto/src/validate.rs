@@ -88,10 +88,58 @@ impl fmt::Display for ValidationErrors {
 /// ready to compile, or every error found.
 pub fn prepare(mut cfg: Config) -> Result<Config, ValidationErrors> {
     normalize(&mut cfg);
+    check(&View::of(&cfg), None)?;
+    Ok(cfg)
+}
+
+/// A config's resources by reference: what `check` validates. A config
+/// held as shared resources (the proxy keeps what did not change between
+/// two snapshots) is checked without being copied into a `Config`.
+#[derive(Default)]
+pub struct View<'a> {
+    pub services: Vec<&'a Service>,
+    pub http_routes: Vec<&'a HttpRoute>,
+    pub rate_limit_policies: Vec<&'a RateLimitPolicy>,
+    pub authorization_policies: Vec<&'a AuthorizationPolicy>,
+    pub mesh_configs: Vec<&'a MeshConfig>,
+}
+
+impl<'a> View<'a> {
+    pub fn of(cfg: &'a Config) -> View<'a> {
+        View {
+            services: cfg.services.iter().collect(),
+            http_routes: cfg.http_routes.iter().collect(),
+            rate_limit_policies: cfg.rate_limit_policies.iter().collect(),
+            authorization_policies: cfg.authorization_policies.iter().collect(),
+            mesh_configs: cfg.mesh_configs.iter().collect(),
+        }
+    }
+}
+
+/// Resources that passed `check` before, by position in the `View`, and
+/// the context they passed in. A resource's own checks (fields, regexes,
+/// references) depend only on the resource and on which Services (with
+/// their ports) and HTTPRoutes exist: while that context is the same, a
+/// known resource is not checked again. Checks across resources (names
+/// defined twice, addresses, one MeshConfig) always run.
+#[derive(Clone, Debug, Default)]
+pub struct Known {
+    /// What `check` returned for the config these resources passed in.
+    pub context: u64,
+    pub services: Vec<bool>,
+    pub http_routes: Vec<bool>,
+    pub rate_limit_policies: Vec<bool>,
+    pub authorization_policies: Vec<bool>,
+}
+
+/// Validates a normalized config. Returns the fingerprint of its context
+/// (Services with their ports, HTTPRoute names) for a later `Known`, or
+/// every error found.
+pub fn check(view: &View, known: Option<&Known>) -> Result<u64, ValidationErrors> {
     let mut v = Validator::default();
-    v.config(&cfg);
+    let context = v.config(view, known);
     if v.errors.is_empty() {
-        Ok(cfg)
+        Ok(context)
     } else {
         Err(ValidationErrors(v.errors))
     }
@@ -111,185 +159,242 @@ pub fn qualify(ns: &str, reference: &str) -> String {
 /// calls it; the control plane also calls it on partial resource sets so
 /// they key the same way as the running config.
 pub fn normalize(cfg: &mut Config) {
-    fn ns(meta: &mut Option<Metadata>) -> String {
-        let m = meta.get_or_insert_with(Default::default);
-        if m.namespace.is_empty() {
-            m.namespace = crate::DEFAULT_NAMESPACE.to_string();
-        }
-        m.namespace.clone()
+    cfg.services.iter_mut().for_each(normalize_service);
+    cfg.rate_limit_policies
+        .iter_mut()
+        .for_each(normalize_rate_limit_policy);
+    cfg.mesh_configs.iter_mut().for_each(normalize_mesh_config);
+    cfg.authorization_policies
+        .iter_mut()
+        .for_each(normalize_authorization_policy);
+    cfg.http_routes.iter_mut().for_each(normalize_route);
+}
+
+/// The resource's namespace, defaulted.
+fn default_namespace(meta: &mut Option<Metadata>) -> String {
+    let m = meta.get_or_insert_with(Default::default);
+    if m.namespace.is_empty() {
+        m.namespace = crate::DEFAULT_NAMESPACE.to_string();
     }
-    for s in &mut cfg.services {
-        ns(&mut s.metadata);
-        s.kind = "Service".into();
-        for p in s.spec.get_or_insert_with(Default::default).ports.iter_mut() {
-            if p.target_port == 0 {
-                p.target_port = p.port;
-            }
-        }
-    }
-    for p in &mut cfg.rate_limit_policies {
-        let policy_ns = ns(&mut p.metadata);
-        p.kind = "RateLimitPolicy".into();
-        let spec = p.spec.get_or_insert_with(Default::default);
-        let t = spec.target_ref.get_or_insert_with(Default::default);
-        if t.kind.is_empty() {
-            t.kind = "Service".into();
-        }
-        if t.namespace.is_empty() {
-            t.namespace = policy_ns;
-        }
-        if t.kind == "HTTPRoute" && spec.direction.is_empty() {
-            spec.direction = "outbound".into();
-        }
-        if spec.direction.is_empty() {
-            spec.direction = "inbound".into();
-        }
-        for l in &mut spec.limits {
-            if l.per.is_empty() {
-                l.per = "second".into();
-            }
-            if l.scope.is_empty() {
-                l.scope = "Local".into();
-            }
+    m.namespace.clone()
+}
+
+pub fn normalize_service(s: &mut Service) {
+    default_namespace(&mut s.metadata);
+    s.kind = "Service".into();
+    for p in s.spec.get_or_insert_with(Default::default).ports.iter_mut() {
+        if p.target_port == 0 {
+            p.target_port = p.port;
         }
     }
-    for m in &mut cfg.mesh_configs {
-        ns(&mut m.metadata);
-        m.kind = "MeshConfig".into();
-        m.spec.get_or_insert_with(Default::default);
+}
+
+pub fn normalize_rate_limit_policy(p: &mut RateLimitPolicy) {
+    let policy_ns = default_namespace(&mut p.metadata);
+    p.kind = "RateLimitPolicy".into();
+    let spec = p.spec.get_or_insert_with(Default::default);
+    let t = spec.target_ref.get_or_insert_with(Default::default);
+    if t.kind.is_empty() {
+        t.kind = "Service".into();
     }
-    for p in &mut cfg.authorization_policies {
-        let policy_ns = ns(&mut p.metadata);
-        p.kind = "AuthorizationPolicy".into();
-        let spec = p.spec.get_or_insert_with(Default::default);
-        let t = spec.target_ref.get_or_insert_with(Default::default);
-        if t.kind.is_empty() {
-            t.kind = "Service".into();
-        }
-        if t.namespace.is_empty() {
-            t.namespace = policy_ns;
-        }
+    if t.namespace.is_empty() {
+        t.namespace = policy_ns;
     }
-    for r in &mut cfg.http_routes {
-        let route_ns = ns(&mut r.metadata);
-        r.kind = "HTTPRoute".into();
-        let spec = r.spec.get_or_insert_with(Default::default);
-        for p in &mut spec.parent_refs {
-            if p.kind.is_empty() {
-                p.kind = "Service".into();
-            }
-            if p.namespace.is_empty() {
-                p.namespace = route_ns.clone();
-            }
+    if t.kind == "HTTPRoute" && spec.direction.is_empty() {
+        spec.direction = "outbound".into();
+    }
+    if spec.direction.is_empty() {
+        spec.direction = "inbound".into();
+    }
+    for l in &mut spec.limits {
+        if l.per.is_empty() {
+            l.per = "second".into();
         }
-        let fill = |b: &mut BackendRef| {
-            if b.kind.is_empty() {
-                b.kind = "Service".into();
-            }
-            if b.namespace.is_empty() {
-                b.namespace = route_ns.clone();
-            }
-        };
-        for rule in &mut spec.rules {
-            rule.backend_refs.iter_mut().for_each(fill);
-            for f in &mut rule.filters {
-                if let Some(b) = f
-                    .request_mirror
-                    .as_mut()
-                    .and_then(|m| m.backend_ref.as_mut())
-                {
-                    fill(b);
-                }
-            }
+        if l.scope.is_empty() {
+            l.scope = "Local".into();
         }
     }
+}
+
+pub fn normalize_mesh_config(m: &mut MeshConfig) {
+    default_namespace(&mut m.metadata);
+    m.kind = "MeshConfig".into();
+    m.spec.get_or_insert_with(Default::default);
+}
+
+pub fn normalize_authorization_policy(p: &mut AuthorizationPolicy) {
+    let policy_ns = default_namespace(&mut p.metadata);
+    p.kind = "AuthorizationPolicy".into();
+    let spec = p.spec.get_or_insert_with(Default::default);
+    let t = spec.target_ref.get_or_insert_with(Default::default);
+    if t.kind.is_empty() {
+        t.kind = "Service".into();
+    }
+    if t.namespace.is_empty() {
+        t.namespace = policy_ns;
+    }
+}
+
+pub fn normalize_route(r: &mut HttpRoute) {
+    let route_ns = default_namespace(&mut r.metadata);
+    r.kind = "HTTPRoute".into();
+    let spec = r.spec.get_or_insert_with(Default::default);
+    for p in &mut spec.parent_refs {
+        if p.kind.is_empty() {
+            p.kind = "Service".into();
+        }
+        if p.namespace.is_empty() {
+            p.namespace = route_ns.clone();
+        }
+    }
+    let fill = |b: &mut BackendRef| {
+        if b.kind.is_empty() {
+            b.kind = "Service".into();
+        }
+        if b.namespace.is_empty() {
+            b.namespace = route_ns.clone();
+        }
+    };
+    for rule in &mut spec.rules {
+        rule.backend_refs.iter_mut().for_each(fill);
+        for f in &mut rule.filters {
+            if let Some(b) = f
+                .request_mirror
+                .as_mut()
+                .and_then(|m| m.backend_ref.as_mut())
+            {
+                fill(b);
+            }
+        }
+    }
+}
+
+/// A resource by namespace and name, borrowed from the config.
+type Id<'a> = (&'a str, &'a str);
+/// Service ports by Service.
+type ServicePorts<'a> = foldhash::HashMap<Id<'a>, Vec<u32>>;
+
+fn id_of(meta: Option<&Metadata>) -> Id<'_> {
+    meta.map_or(("", ""), |m| (m.namespace.as_str(), m.name.as_str()))
 }
 
 #[derive(Default)]
-struct Validator {
+struct Validator<'a> {
     errors: Vec<ValidationError>,
-    resource: String,
+    /// The resource being checked: its kind and metadata. Named in an
+    /// error only, so that a valid config formats no names.
+    kind: &'static str,
+    meta: Option<&'a Metadata>,
 }
 
-impl Validator {
+impl<'a> Validator<'a> {
+    fn at(&mut self, kind: &'static str, meta: Option<&'a Metadata>) {
+        self.kind = kind;
+        self.meta = meta;
+    }
+
     fn err(&mut self, field: impl Into<String>, message: impl Into<String>) {
         self.errors.push(ValidationError {
-            resource: self.resource.clone(),
+            resource: format!("{} {}", self.kind, crate::resource_id(self.meta)),
             field: field.into(),
             message: message.into(),
         });
     }
 
-    fn config(&mut self, cfg: &Config) {
-        // Service ports by namespace/name, for reference checks.
-        let mut services: HashMap<String, Vec<u32>> = HashMap::new();
-        let mut seen = HashSet::new();
+    /// Checks every resource (but the known ones); returns the context
+    /// fingerprint.
+    fn config(&mut self, cfg: &View<'a>, known: Option<&Known>) -> u64 {
+        use std::hash::{BuildHasher, Hash, Hasher};
+        // Service ports and route names, for reference checks, and the
+        // context fingerprint over them (a fixed seed: fingerprints are
+        // compared across applies).
+        let mut ctx = foldhash::fast::FixedState::with_seed(0x5265_6d6f_7261).build_hasher();
+        let mut services: ServicePorts<'a> =
+            HashMap::with_capacity_and_hasher(cfg.services.len(), Default::default());
         for s in &cfg.services {
-            let id = crate::resource_id(s.metadata.as_ref());
-            self.resource = format!("Service {id}");
-            if !seen.insert(self.resource.clone()) {
+            let id = id_of(s.metadata.as_ref());
+            let ports: Vec<u32> = s
+                .spec
+                .iter()
+                .flat_map(|sp| sp.ports.iter().map(|p| p.port))
+                .collect();
+            (id, &ports).hash(&mut ctx);
+            services.insert(id, ports);
+        }
+        let routes: foldhash::HashSet<Id<'a>> = cfg
+            .http_routes
+            .iter()
+            .map(|r| id_of(r.metadata.as_ref()))
+            .collect();
+        for r in &cfg.http_routes {
+            id_of(r.metadata.as_ref()).hash(&mut ctx);
+        }
+        let context = ctx.finish();
+        let known = known.filter(|k| k.context == context);
+        let is_known = |list: Option<&Vec<bool>>, i: usize| -> bool {
+            list.and_then(|l| l.get(i)).copied().unwrap_or(false)
+        };
+
+        let mut seen: foldhash::HashSet<(&'static str, Id<'a>)> = HashSet::with_capacity_and_hasher(
+            cfg.services.len() + cfg.http_routes.len(),
+            Default::default(),
+        );
+        for (i, s) in cfg.services.iter().enumerate() {
+            self.at("Service", s.metadata.as_ref());
+            if !seen.insert(("Service", id_of(s.metadata.as_ref()))) {
                 self.err("metadata.name", "defined twice");
+            }
+            if is_known(known.map(|k| &k.services), i) {
+                continue;
             }
             self.metadata(s.metadata.as_ref());
             self.service(s.spec.as_ref().expect("normalized"));
-            let ports = s.spec.iter().flat_map(|sp| sp.ports.iter().map(|p| p.port));
-            services.insert(id, ports.collect());
-        }
-        for s in &cfg.services {
             let calls = s.spec.as_ref().map(|sp| sp.calls.as_slice()).unwrap_or(&[]);
-            if !calls.is_empty() {
-                self.resource = format!("Service {}", crate::resource_id(s.metadata.as_ref()));
-                let ns = s
-                    .metadata
-                    .as_ref()
-                    .map(|m| m.namespace.as_str())
-                    .unwrap_or("");
-                self.calls(ns, calls, &services);
-            }
+            let ns = s.metadata.as_ref().map_or("", |m| m.namespace.as_str());
+            self.calls(ns, calls, &services);
         }
-        for r in &cfg.http_routes {
-            self.resource = format!("HTTPRoute {}", crate::resource_id(r.metadata.as_ref()));
-            if !seen.insert(self.resource.clone()) {
+        for (i, r) in cfg.http_routes.iter().enumerate() {
+            self.at("HTTPRoute", r.metadata.as_ref());
+            if !seen.insert(("HTTPRoute", id_of(r.metadata.as_ref()))) {
                 self.err("metadata.name", "defined twice");
+            }
+            if is_known(known.map(|k| &k.http_routes), i) {
+                continue;
             }
             self.metadata(r.metadata.as_ref());
             self.route(r.spec.as_ref().expect("normalized"), &services);
         }
-        let routes: HashSet<String> = cfg
-            .http_routes
-            .iter()
-            .map(|r| crate::resource_id(r.metadata.as_ref()))
-            .collect();
-        for p in &cfg.rate_limit_policies {
-            self.resource = format!(
-                "RateLimitPolicy {}",
-                crate::resource_id(p.metadata.as_ref())
-            );
-            if !seen.insert(self.resource.clone()) {
+        for (i, p) in cfg.rate_limit_policies.iter().enumerate() {
+            self.at("RateLimitPolicy", p.metadata.as_ref());
+            if !seen.insert(("RateLimitPolicy", id_of(p.metadata.as_ref()))) {
                 self.err("metadata.name", "defined twice");
+            }
+            if is_known(known.map(|k| &k.rate_limit_policies), i) {
+                continue;
             }
             self.metadata(p.metadata.as_ref());
             self.rate_limit_policy(p.spec.as_ref().expect("normalized"), &services, &routes);
         }
-        for p in &cfg.authorization_policies {
-            self.resource = format!(
-                "AuthorizationPolicy {}",
-                crate::resource_id(p.metadata.as_ref())
-            );
-            if !seen.insert(self.resource.clone()) {
+        for (i, p) in cfg.authorization_policies.iter().enumerate() {
+            self.at("AuthorizationPolicy", p.metadata.as_ref());
+            if !seen.insert(("AuthorizationPolicy", id_of(p.metadata.as_ref()))) {
                 self.err("metadata.name", "defined twice");
+            }
+            if is_known(known.map(|k| &k.authorization_policies), i) {
+                continue;
             }
             self.metadata(p.metadata.as_ref());
             self.authorization_policy(p.spec.as_ref().expect("normalized"), &services, &routes);
         }
         self.mesh_configs(&cfg.mesh_configs);
-        self.addresses(cfg);
+        self.addresses(&cfg.services);
+        context
     }
 
     /// At most one MeshConfig, with known values.
-    fn mesh_configs(&mut self, all: &[MeshConfig]) {
+    fn mesh_configs(&mut self, all: &[&'a MeshConfig]) {
         for (i, m) in all.iter().enumerate() {
-            self.resource = format!("MeshConfig {}", crate::resource_id(m.metadata.as_ref()));
+            self.at("MeshConfig", m.metadata.as_ref());
             if i > 0 {
                 self.err(
                     "metadata.name",
@@ -316,12 +421,15 @@ impl Validator {
     }
 
     /// Virtual addresses are IPs, and no address:port belongs to two Services.
-    fn addresses(&mut self, cfg: &Config) {
-        let mut owner: HashMap<(std::net::IpAddr, u32), String> = HashMap::new();
-        for s in &cfg.services {
-            let id = crate::resource_id(s.metadata.as_ref());
-            self.resource = format!("Service {id}");
+    fn addresses(&mut self, services: &[&'a Service]) {
+        let mut owner: HashMap<(std::net::IpAddr, u32), Id<'a>> = HashMap::new();
+        for s in services {
             let spec = s.spec.as_ref().expect("normalized");
+            if spec.addresses.is_empty() {
+                continue;
+            }
+            let id = id_of(s.metadata.as_ref());
+            self.at("Service", s.metadata.as_ref());
             if spec.addresses.len() > MAX_ADDRESSES {
                 self.err(
                     "addresses",
@@ -347,10 +455,13 @@ impl Validator {
                     match owner.get(&(ip, p.port)) {
                         Some(other) if *other != id => self.err(
                             format!("addresses[{i}]"),
-                            format!("{ip}:{} is also an address of Service {other}", p.port),
+                            format!(
+                                "{ip}:{} is also an address of Service {}/{}",
+                                p.port, other.0, other.1
+                            ),
                         ),
                         _ => {
-                            owner.insert((ip, p.port), id.clone());
+                            owner.insert((ip, p.port), id);
                         }
                     }
                 }
@@ -362,16 +473,18 @@ impl Validator {
     fn target_ref(
         &mut self,
         t: Option<&PolicyTargetRef>,
-        services: &HashMap<String, Vec<u32>>,
-        routes: &HashSet<String>,
+        services: &ServicePorts,
+        routes: &foldhash::HashSet<Id>,
     ) {
-        let t = t.cloned().unwrap_or_default();
-        let target = format!("{}/{}", t.namespace, t.name);
+        let empty = PolicyTargetRef::default();
+        let t = t.unwrap_or(&empty);
+        let id = (t.namespace.as_str(), t.name.as_str());
+        let target = format_args!("{}/{}", t.namespace, t.name);
         match t.kind.as_str() {
-            "Service" if !services.contains_key(&target) => {
+            "Service" if !services.contains_key(&id) => {
                 self.err("targetRef.name", format!("Service {target} is not defined"))
             }
-            "HTTPRoute" if !routes.contains(&target) => self.err(
+            "HTTPRoute" if !routes.contains(&id) => self.err(
                 "targetRef.name",
                 format!("HTTPRoute {target} is not defined"),
             ),
@@ -386,8 +499,8 @@ impl Validator {
     fn rate_limit_policy(
         &mut self,
         spec: &RateLimitPolicySpec,
-        services: &HashMap<String, Vec<u32>>,
-        routes: &HashSet<String>,
+        services: &ServicePorts,
+        routes: &foldhash::HashSet<Id>,
     ) {
         self.target_ref(spec.target_ref.as_ref(), services, routes);
         let t = spec.target_ref.clone().unwrap_or_default();
@@ -546,8 +659,8 @@ impl Validator {
     fn authorization_policy(
         &mut self,
         spec: &AuthorizationPolicySpec,
-        services: &HashMap<String, Vec<u32>>,
-        routes: &HashSet<String>,
+        services: &ServicePorts,
+        routes: &foldhash::HashSet<Id>,
     ) {
         self.target_ref(spec.target_ref.as_ref(), services, routes);
         for (i, f) in spec.from.iter().enumerate() {
@@ -594,19 +707,19 @@ impl Validator {
         }
     }
 
-    fn calls(&mut self, ns: &str, calls: &[String], services: &HashMap<String, Vec<u32>>) {
+    fn calls(&mut self, ns: &str, calls: &[String], services: &ServicePorts) {
         for (i, c) in calls.iter().enumerate() {
-            let id = qualify(ns, c);
+            let id = c.split_once('/').unwrap_or((ns, c));
             if !services.contains_key(&id) {
                 self.err(
                     format!("calls[{i}]"),
-                    format!("Service {id} is not defined"),
+                    format!("Service {}/{} is not defined", id.0, id.1),
                 );
             }
         }
     }
 
-    fn route(&mut self, spec: &HttpRouteSpec, services: &HashMap<String, Vec<u32>>) {
+    fn route(&mut self, spec: &HttpRouteSpec, services: &ServicePorts) {
         if spec.parent_refs.is_empty() {
             self.err("parentRefs", "at least one parent Service is required");
         }
@@ -740,7 +853,7 @@ impl Validator {
         }
     }
 
-    fn filter(&mut self, f: &str, filter: &HttpRouteFilter, services: &HashMap<String, Vec<u32>>) {
+    fn filter(&mut self, f: &str, filter: &HttpRouteFilter, services: &ServicePorts) {
         let (field, present) = match filter.r#type.as_str() {
             "RequestHeaderModifier" => {
                 ("requestHeaderModifier", filter.request_header_modifier.is_some())
@@ -802,7 +915,7 @@ impl Validator {
         }
     }
 
-    fn backend(&mut self, f: &str, b: &BackendRef, services: &HashMap<String, Vec<u32>>) {
+    fn backend(&mut self, f: &str, b: &BackendRef, services: &ServicePorts) {
         if b.kind != "Service" {
             self.err(
                 format!("{f}.kind"),
@@ -826,12 +939,12 @@ impl Validator {
         name: &str,
         port: u32,
         need_port: bool,
-        services: &HashMap<String, Vec<u32>>,
+        services: &ServicePorts,
     ) {
         if name.is_empty() {
             return self.err(format!("{f}.name"), "is required");
         }
-        let Some(ports) = services.get(&format!("{ns}/{name}")) else {
+        let Some(ports) = services.get(&(ns, name)) else {
             return self.err(
                 format!("{f}.name"),
                 format!("Service {ns}/{name} is not defined"),

@@ -320,7 +320,7 @@ fn handle(
         }
         (&Method::GET, "/config") => {
             let rt = state.proxy.runtime.load();
-            let doc = serde_json::json!({ "version": rt.version, "config": &*rt.config });
+            let doc = serde_json::json!({ "version": rt.version, "config": &rt.config });
             let body = serde_json::to_string_pretty(&doc).unwrap_or_default();
             let mut r = text(StatusCode::OK, body + "\n");
             r.headers_mut().insert(

@@ -5,10 +5,11 @@
 
 use crate::cluster::Protocol;
 use crate::route::Matcher;
+use crate::snapshot::Resources;
 pub use crate::tls::MtlsMode;
 use http::header::HeaderName;
 use http::Request;
-use remora_proto::model::{self, Config};
+use remora_proto::model;
 use remora_proto::ObjectRef;
 use std::collections::HashMap;
 
@@ -130,7 +131,7 @@ impl Authz {
 
 /// The policy for `service` (`namespace/name`) from a prepared config;
 /// the error names what was wrong, for `CompileError::Local`.
-pub fn compile(cfg: &Config, service: Option<&ObjectRef>) -> Result<LocalPolicy, String> {
+pub fn compile(cfg: &Resources, service: Option<&ObjectRef>) -> Result<LocalPolicy, String> {
     let Some(service) = service else {
         return Ok(LocalPolicy::default());
     };
@@ -239,7 +240,7 @@ mod tests {
         let base = "kind: Service\nmetadata: {name: api, namespace: shop}\nspec:\n  ports: [{port: 80}]\n  mtls: {mode: Permissive, clientIdentityHeader: x-client-id}\n---\n\
             kind: HTTPRoute\nmetadata: {name: admin, namespace: shop}\nspec:\n  parentRefs: [{name: api}]\n  rules:\n  - matches: [{path: {type: PathPrefix, value: /admin}}]\n    backendRefs: [{name: api}]\n---\n";
         let cfg = remora_proto::yaml::parse_yaml(&format!("{base}{yaml}"), "test").unwrap();
-        let cfg = remora_proto::prepare(cfg).unwrap();
+        let cfg = Resources::from_config(remora_proto::prepare(cfg).unwrap());
         compile(&cfg, Some(&ObjectRef::new("shop", "api"))).unwrap()
     }
 
@@ -269,7 +270,7 @@ mod tests {
             "t",
         )
         .unwrap();
-        let cfg = remora_proto::prepare(cfg).unwrap();
+        let cfg = Resources::from_config(remora_proto::prepare(cfg).unwrap());
         let p = compile(&cfg, Some(&ObjectRef::new("shop", "api"))).unwrap();
         // By the port the app listens on; a port left to detection is not
         // declared.

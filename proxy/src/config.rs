@@ -7,6 +7,7 @@
 use crate::balance::OutlierConfig;
 use crate::pool::PoolConfig;
 use crate::retry::BudgetParams;
+use crate::snapshot::{DecodeCache, Resources};
 use crate::tls::MeshTls;
 use remora_proto::model::Config;
 use remora_proto::{ObjectRef, ValidationErrors};
@@ -78,21 +79,78 @@ pub enum CompileError {
     TooManyRules { rules: usize, max: usize },
 }
 
-/// A config `remora_proto::prepare` accepted (defaults filled, every
-/// resource checked): the only input `compile` takes.
-pub struct Validated(Config);
+/// A config that passed validation (defaults filled, every resource
+/// checked): the only input `compile` takes.
+pub struct Validated {
+    resources: Resources,
+    /// What the next snapshot's incremental decode reuses (empty for a
+    /// config from a file).
+    cache: DecodeCache,
+}
+
+/// Why a config was refused before compiling.
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    #[error("snapshot does not decode: {0}")]
+    Decode(#[from] crate::snapshot::DecodeError),
+    #[error(transparent)]
+    Compile(#[from] CompileError),
+    #[error("{0}")]
+    Invalid(#[from] ValidationErrors),
+}
 
 impl Validated {
-    /// Validates `cfg` (and fills its defaults).
+    /// Validates `cfg` (and fills its defaults): a config from a file.
     pub fn prepare(cfg: Config) -> Result<Validated, ValidationErrors> {
-        remora_proto::prepare(cfg).map(Validated)
+        let cfg = remora_proto::prepare(cfg)?;
+        Ok(Validated {
+            resources: Resources::from_config(cfg),
+            cache: DecodeCache::default(),
+        })
     }
 
-    pub fn config(&self) -> &Config {
-        &self.0
+    /// Decodes and validates a snapshot's encoded config, reusing (and not
+    /// checking again) every resource `prev` already had.
+    pub fn from_snapshot(
+        encoded: &bytes::Bytes,
+        prev: &DecodeCache,
+        s: &Settings,
+    ) -> Result<Validated, PrepareError> {
+        let d = crate::snapshot::decode(encoded, prev)?;
+        check_rule_count(d.resources.route_rules(), s)?;
+        let context = remora_proto::validate::check(&d.resources.view(), Some(&d.known))?;
+        let mut cache = d.cache;
+        cache.set_context(context);
+        Ok(Validated {
+            resources: d.resources,
+            cache,
+        })
     }
 
-    pub fn into_inner(self) -> Config {
-        self.0
+    /// Shares every resource that equals the running one's (see
+    /// `Resources::adopt`): for a config parsed again from a file.
+    pub fn adopt(mut self, running: &Resources) -> Validated {
+        self.resources.adopt(running);
+        self
     }
+
+    pub fn resources(&self) -> &Resources {
+        &self.resources
+    }
+
+    pub fn into_parts(self) -> (Resources, DecodeCache) {
+        (self.resources, self.cache)
+    }
+}
+
+/// Refuses more route rules than `--max-route-rules` (cheap: callers run
+/// it before validating).
+pub fn check_rule_count(rules: usize, s: &Settings) -> Result<(), CompileError> {
+    if rules > s.max_route_rules {
+        return Err(CompileError::TooManyRules {
+            rules,
+            max: s.max_route_rules,
+        });
+    }
+    Ok(())
 }

@@ -11,14 +11,13 @@
 use crate::control_plane::endpoint;
 use crate::proxy::Proxy;
 use crate::runtime::Settings;
-use crate::source;
+use crate::source::{self, Input};
 use prost::Message;
 use remora_proto::control::discovery_client::DiscoveryClient;
 use remora_proto::control::discovery_request::Kind;
 use remora_proto::control::{
     Ack, Deregister, DiscoveryRequest, Hello, Instance, Register, Snapshot,
 };
-use remora_proto::model::Config;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
@@ -66,8 +65,12 @@ impl DiscoveryConfig {
             }
         };
         install_bundle(proxy, &snap.trust_bundle_pem);
-        let cfg = Config::decode(snap.config).ok()?;
-        match source::apply(proxy, settings, cfg, snap.version.clone()) {
+        match source::apply(
+            proxy,
+            settings,
+            Input::Encoded(snap.config),
+            snap.version.clone(),
+        ) {
             Ok(()) => {
                 info!(version = %snap.version, path = %path.display(), "booted from the last-known-good snapshot");
                 Some(snap.version)
@@ -253,9 +256,7 @@ async fn session(
                 // the data-plane thread.
                 let (p, s, v, lkg) = (proxy.clone(), settings.clone(), version.clone(), cfg.lkg_path());
                 let result = tokio::task::spawn_blocking(move || {
-                    let r = Config::decode(snap.config.clone())
-                        .map_err(|e| format!("snapshot does not decode: {e}"))
-                        .and_then(|c| source::apply(&p, &s, c, v));
+                    let r = source::apply(&p, &s, Input::Encoded(snap.config.clone()), v);
                     if r.is_ok() {
                         save_snapshot(lkg, &snap);
                     }

@@ -29,6 +29,7 @@ pub mod retry;
 pub mod route;
 pub mod runtime;
 pub mod server;
+pub mod snapshot;
 pub mod source;
 pub mod tcp;
 pub mod tls;

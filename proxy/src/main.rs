@@ -469,8 +469,13 @@ fn run(args: Args) -> Result<()> {
     let mut fingerprint = None;
     if let Some(path) = &args.config {
         let (fp, cfg) = source::read(path).map_err(anyhow::Error::msg)?;
-        source::apply(&proxy, &settings, cfg, source::file_version(fp))
-            .map_err(anyhow::Error::msg)?;
+        source::apply(
+            &proxy,
+            &settings,
+            source::Input::Config(cfg),
+            source::file_version(fp),
+        )
+        .map_err(anyhow::Error::msg)?;
         fingerprint = Some(fp);
     }
     // Workload identity: a certificate from the control plane, renewed in

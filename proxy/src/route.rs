@@ -217,7 +217,7 @@ impl PortRoutes {
 /// Service port it belongs to.
 #[derive(Default)]
 pub struct RouteTable {
-    pub hosts: HashMap<String, Arc<ServiceRoutes>>,
+    pub hosts: HashMap<Arc<str>, Arc<ServiceRoutes>>,
     /// For intercepted connections: where the app meant to go.
     pub destinations: HashMap<SocketAddr, (Arc<ServiceRoutes>, usize)>,
 }
@@ -259,7 +259,7 @@ impl RouteTable {
         };
         let (host, port) = split_host_port(authority);
         let svc = if host.bytes().any(|b| b.is_ascii_uppercase()) {
-            self.hosts.get(&host.to_ascii_lowercase())
+            self.hosts.get(host.to_ascii_lowercase().as_str())
         } else {
             self.hosts.get(host)
         };

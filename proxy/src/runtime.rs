@@ -8,24 +8,25 @@
 //! rate-limit buckets, retry budgets, and compiled routes.
 
 use crate::authz::LocalPolicy;
-use crate::cluster::Cluster;
+use crate::cluster::compile::Clusters;
 use crate::metrics::Metrics;
 use crate::path::EncodedSlashes;
 use crate::ratelimit::{Limit, LimiterSet};
 use crate::retry::RetryBudget;
-use crate::route::compile::RouteCache;
+use crate::route::compile::{RouteCache, ServiceCache};
 use crate::route::RouteTable;
-use remora_proto::model::Config;
+use crate::snapshot::{DecodeCache, RefKey, Resources};
 use std::collections::HashMap;
 use std::sync::Arc;
 
-pub use crate::config::{CompileError, Settings, Validated};
+pub use crate::config::{CompileError, PrepareError, Settings, Validated};
 
 pub struct Runtime {
     pub version: String,
-    pub config: Arc<Config>,
+    /// The config it was compiled from.
+    pub config: Resources,
     pub routes: RouteTable,
-    pub clusters: HashMap<String, Arc<Cluster>>,
+    pub clusters: Clusters,
     pub budgets: HashMap<String, Arc<RetryBudget>>,
     /// Every rate limit by `namespace/policy/limit` (kept across swaps).
     pub limits: HashMap<String, Arc<Limit>>,
@@ -40,6 +41,11 @@ pub struct Runtime {
     pub encoded_slashes: EncodedSlashes,
     /// Compiled routes, for the next compile to reuse.
     pub(crate) route_cache: RouteCache,
+    /// Each Service's part of the route table, for the next compile.
+    pub(crate) service_cache: ServiceCache,
+    /// This config's resources by their encoded bytes, for the next
+    /// snapshot's decode.
+    pub decode_cache: DecodeCache,
 }
 
 /// MeshConfig's outboundTrafficPolicy.
@@ -56,9 +62,9 @@ impl Runtime {
     pub fn empty() -> Runtime {
         Runtime {
             version: String::new(),
-            config: Arc::new(Config::default()),
+            config: Resources::default(),
             routes: RouteTable::default(),
-            clusters: HashMap::new(),
+            clusters: Clusters::default(),
             budgets: HashMap::new(),
             limits: HashMap::new(),
             inbound_limits: Arc::new(LimiterSet::default()),
@@ -66,25 +72,10 @@ impl Runtime {
             outbound_policy: OutboundPolicy::AllowAny,
             encoded_slashes: EncodedSlashes::Reject,
             route_cache: RouteCache::new(),
+            service_cache: ServiceCache::new(),
+            decode_cache: DecodeCache::default(),
         }
     }
-}
-
-/// Refuses a config with more route rules than `--max-route-rules` (cheap:
-/// callers run it before validating).
-pub fn check_rule_count(cfg: &Config, s: &Settings) -> Result<(), CompileError> {
-    let rules: usize = cfg
-        .http_routes
-        .iter()
-        .map(|r| r.spec.as_ref().map_or(0, |s| s.rules.len()))
-        .sum();
-    if rules > s.max_route_rules {
-        return Err(CompileError::TooManyRules {
-            rules,
-            max: s.max_route_rules,
-        });
-    }
-    Ok(())
 }
 
 /// Builds a runtime from a validated config, reusing what did not change
@@ -96,19 +87,24 @@ pub fn compile(
     s: &Settings,
     metrics: &Metrics,
 ) -> Result<Runtime, CompileError> {
-    let cfg = cfg.into_inner();
-    check_rule_count(&cfg, s)?;
+    let (cfg, decode_cache) = cfg.into_parts();
+    crate::config::check_rule_count(cfg.route_rules(), s)?;
     let clusters = crate::cluster::compile::clusters(&cfg, &prev.clusters, s, metrics)?;
     let limits = crate::ratelimit::compile::limits(&cfg, &prev.limits, s, metrics)?;
     let inbound_limits = Arc::new(LimiterSet {
         limits: s
             .service
             .as_ref()
-            .map(|svc| limits.on("Service", svc, "inbound").to_vec())
+            .map(|svc| {
+                limits
+                    .on("Service", RefKey::new(&svc.namespace, &svc.name), "inbound")
+                    .to_vec()
+            })
             .unwrap_or_default(),
     });
     let previous = crate::route::compile::Previous {
         cache: &prev.route_cache,
+        services: &prev.service_cache,
         budgets: &prev.budgets,
     };
     let table = crate::route::compile::table(&cfg, &clusters, &limits, previous, s, metrics)?;
@@ -128,9 +124,9 @@ pub fn compile(
     };
     Ok(Runtime {
         version,
-        config: Arc::new(cfg),
+        config: cfg,
         routes: table.routes,
-        clusters: clusters.by_id,
+        clusters,
         budgets: table.budgets,
         limits: limits.by_id,
         inbound_limits,
@@ -138,6 +134,8 @@ pub fn compile(
         outbound_policy,
         encoded_slashes,
         route_cache: table.cache,
+        service_cache: table.services,
+        decode_cache,
     })
 }
 
@@ -145,7 +143,6 @@ pub fn compile(
 mod tests {
     use super::*;
     use crate::route::Lookup;
-    use remora_proto::ObjectRef;
     use std::time::Duration;
 
     fn cfg(endpoints: &str, backoff: &str) -> Validated {
@@ -162,16 +159,12 @@ mod tests {
         let one = "{address: 127.0.0.1, port: 1001}";
         let two = "{address: 127.0.0.1, port: 1001}, {address: 127.0.0.1, port: 1002}";
         let v1 = compile(cfg(one, "10ms"), "1".into(), &Runtime::empty(), &s, &m).unwrap();
-        let c1 = v1.clusters["default/a:80"].clone();
+        let c1 = v1.clusters.by_id["default/a:80"].clone();
         c1.endpoints[0].load.observe(Duration::from_millis(40));
 
         // Nothing changed: the compiled route is reused whole.
-        let key = (
-            ObjectRef::new("default", "r"),
-            ObjectRef::new("default", "a"),
-            80,
-        );
-        let same = compile(cfg(one, "10ms"), "1b".into(), &v1, &s, &m).unwrap();
+        let key = ("r", 80);
+        let same = compile(cfg(one, "10ms").adopt(&v1.config), "1b".into(), &v1, &s, &m).unwrap();
         assert!(crate::route::compile::same_compiled(
             &v1.route_cache,
             &same.route_cache,
@@ -180,13 +173,13 @@ mod tests {
 
         // Only a route changed: the cluster is the very same object, the
         // route is compiled again.
-        let v2 = compile(cfg(one, "20ms"), "2".into(), &v1, &s, &m).unwrap();
+        let v2 = compile(cfg(one, "20ms").adopt(&v1.config), "2".into(), &v1, &s, &m).unwrap();
         assert!(!crate::route::compile::same_compiled(
             &v1.route_cache,
             &v2.route_cache,
             &key
         ));
-        assert!(Arc::ptr_eq(&c1, &v2.clusters["default/a:80"]));
+        assert!(Arc::ptr_eq(&c1, &v2.clusters.by_id["default/a:80"]));
         // The retry budget's parameters did not change: same budget.
         assert!(Arc::ptr_eq(
             &v1.budgets["default/r/rule-0"],
@@ -195,12 +188,83 @@ mod tests {
 
         // An endpoint joined: a new cluster, but the pool and the known
         // endpoint's latency estimate carry over.
-        let v3 = compile(cfg(two, "20ms"), "3".into(), &v2, &s, &m).unwrap();
-        let c3 = &v3.clusters["default/a:80"];
+        let v3 = compile(cfg(two, "20ms").adopt(&v2.config), "3".into(), &v2, &s, &m).unwrap();
+        let c3 = &v3.clusters.by_id["default/a:80"];
         assert!(!Arc::ptr_eq(&c1, c3));
         assert!(Arc::ptr_eq(&c1.pool, &c3.pool));
         assert!(Arc::ptr_eq(&c1.endpoints[0].load, &c3.endpoints[0].load));
         assert_eq!(c3.endpoints.len(), 2);
+    }
+
+    /// A snapshot's encoded config, as the control plane sends it.
+    fn encoded(yaml: &str) -> bytes::Bytes {
+        use prost::Message;
+        let cfg = remora_proto::prepare(remora_proto::parse_yaml(yaml, "t").unwrap()).unwrap();
+        cfg.encode_to_vec().into()
+    }
+
+    const SNAPSHOT: &str = "kind: Service\nmetadata: {name: a}\nspec:\n  ports: [{port: 80}]\n---\n\
+        kind: Service\nmetadata: {name: b}\nspec:\n  ports: [{port: 80}]\n---\n\
+        kind: HTTPRoute\nmetadata: {name: r1}\nspec:\n  parentRefs: [{name: a}]\n  rules: [{backendRefs: [{name: b}], timeouts: {request: T1}}]\n---\n\
+        kind: HTTPRoute\nmetadata: {name: r2}\nspec:\n  parentRefs: [{name: a}]\n  rules: [{matches: [{path: {type: RegularExpression, value: \"/x[0-9]+\"}}]}]\n";
+
+    #[tokio::test]
+    async fn snapshots_reuse_and_skip_checking_what_did_not_change() {
+        let (s, m) = (Settings::default(), Metrics::new());
+        let snap = |t1: &str| encoded(&SNAPSHOT.replace("T1", t1));
+        let apply = |bytes: &bytes::Bytes, prev: &Runtime| {
+            let v = Validated::from_snapshot(bytes, &prev.decode_cache, &s)?;
+            Ok::<_, PrepareError>(compile(v, "v".into(), prev, &s, &m)?)
+        };
+        let v1 = apply(&snap("1s"), &Runtime::empty()).unwrap();
+        // r1 changed: r2 and the Services are the same objects, r2 is not
+        // compiled again, and neither is the Service entry of b.
+        let v2 = apply(&snap("2s"), &v1).unwrap();
+        assert!(Arc::ptr_eq(
+            &v1.config.http_routes[1],
+            &v2.config.http_routes[1]
+        ));
+        assert!(!Arc::ptr_eq(
+            &v1.config.http_routes[0],
+            &v2.config.http_routes[0]
+        ));
+        let same = crate::route::compile::same_compiled;
+        assert!(same(&v1.route_cache, &v2.route_cache, &("r2", 80)));
+        assert!(!same(&v1.route_cache, &v2.route_cache, &("r1", 80)));
+        let b = |rt: &Runtime| rt.routes.hosts["b"].clone();
+        assert!(Arc::ptr_eq(&b(&v1), &b(&v2)), "b's routes kept whole");
+
+        // A bad change is still caught, and the running runtime's cache is
+        // untouched by the refusal.
+        let bad = SNAPSHOT.replace("T1", "1s").replace("/x[0-9]+", "/x[0-9");
+        let Err(e) = apply(&encoded_unchecked(&bad), &v2) else {
+            panic!("a bad regex passed")
+        };
+        assert!(e.to_string().contains("HTTPRoute default/r2"), "{e}");
+
+        // The context changed (Service b is gone): r1, unchanged, is
+        // checked again and refused for its dangling backendRef.
+        let without_b = SNAPSHOT.replace("T1", "2s").replacen(
+            "kind: Service\nmetadata: {name: b}\nspec:\n  ports: [{port: 80}]\n---\n",
+            "",
+            1,
+        );
+        let Err(e) = apply(&encoded_unchecked(&without_b), &v2) else {
+            panic!("a route to a missing Service passed")
+        };
+        assert!(
+            e.to_string().contains("Service default/b is not defined"),
+            "{e}"
+        );
+    }
+
+    /// Encodes a config without validating it (what a buggy or hostile
+    /// control plane could send).
+    fn encoded_unchecked(yaml: &str) -> bytes::Bytes {
+        use prost::Message;
+        let mut cfg = remora_proto::parse_yaml(yaml, "t").unwrap();
+        remora_proto::validate::normalize(&mut cfg);
+        cfg.encode_to_vec().into()
     }
 
     #[tokio::test]

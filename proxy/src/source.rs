@@ -2,9 +2,10 @@
 //! plane tomorrow) hands it to `apply`: validate, compile, swap. A config
 //! that fails any step is logged and counted, and the running one stays.
 
+use crate::config::check_rule_count;
 use crate::metrics::{ResultLabels, VersionLabels};
 use crate::proxy::Proxy;
-use crate::runtime::{compile, Runtime, Settings, Validated};
+use crate::runtime::{compile, PrepareError, Runtime, Settings, Validated};
 use remora_proto::model::Config;
 use remora_proto::RawConfig;
 use std::hash::{Hash, Hasher};
@@ -14,26 +15,47 @@ use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use tracing::{error, info};
 
+/// What a source hands to `apply`.
+pub enum Input {
+    /// Parsed from a file: validated whole.
+    Config(Config),
+    /// A snapshot's encoded config: decoded and validated incrementally
+    /// against the running one (`snapshot.rs`).
+    Encoded(bytes::Bytes),
+}
+
 /// Validates, compiles and publishes a config. On error nothing changes.
 /// Runs on a blocking thread: only the final `ArcSwap` store is visible to
 /// the data plane.
 pub fn apply(
     proxy: &Proxy,
     settings: &Settings,
-    cfg: Config,
+    input: Input,
     version: String,
 ) -> Result<(), String> {
     let t0 = Instant::now();
-    // The size bound first: validating a config that is too big anyway
-    // would waste the time it bounds.
-    let result = crate::runtime::check_rule_count(&cfg, settings)
-        .map_err(|e| e.to_string())
-        .and_then(|()| Validated::prepare(cfg).map_err(|e| e.to_string()));
+    let prev = proxy.runtime.load_full();
+    let result = match input {
+        // The size bound first: validating a config that is too big anyway
+        // would waste the time it bounds.
+        Input::Config(cfg) => {
+            let rules = cfg
+                .http_routes
+                .iter()
+                .map(|r| r.spec.as_ref().map_or(0, |s| s.rules.len()))
+                .sum();
+            check_rule_count(rules, settings)
+                .map_err(PrepareError::from)
+                .and_then(|()| Ok(Validated::prepare(cfg)?.adopt(&prev.config)))
+        }
+        Input::Encoded(bytes) => Validated::from_snapshot(&bytes, &prev.decode_cache, settings),
+    }
+    .map_err(|e| e.to_string());
     let prepared = t0.elapsed();
     let result = result.and_then(|cfg| {
-        let prev = proxy.runtime.load_full();
         compile(cfg, version.clone(), &prev, settings, &proxy.metrics).map_err(|e| e.to_string())
     });
+    drop(prev);
     let m = &proxy.metrics;
     match result {
         Ok(rt) => {
@@ -195,7 +217,7 @@ pub async fn watch_file(
                 error!(path = %at.display(), error = %e, "config unreadable; the running config stays");
                 e.to_string()
             })?;
-            apply(&p, &s, cfg, file_version(fp))
+            apply(&p, &s, Input::Config(cfg), file_version(fp))
         })
         .await
         .unwrap_or_else(|e| Err(e.to_string()));

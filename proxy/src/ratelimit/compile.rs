@@ -5,29 +5,48 @@
 use super::{KeyPart, Limit, LimitParams, LimiterSet};
 use crate::config::{CompileError, Settings};
 use crate::metrics::Metrics;
+use crate::snapshot::{RefKey, Resources};
 use http::header::HeaderName;
-use remora_proto::model::Config;
 use remora_proto::ObjectRef;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// What a limit applies to: (target kind, target, direction).
-pub type Attachment = (String, ObjectRef, String);
+/// Limits by target, for one (target kind, direction).
+type ByTarget = hashbrown::HashMap<ObjectRef, Vec<Arc<Limit>>>;
 
 /// Every limit, by id (`namespace/policy/limit`) and by attachment.
 #[derive(Default)]
 pub struct Limits {
     pub by_id: HashMap<String, Arc<Limit>>,
-    attached: HashMap<Attachment, Vec<Arc<Limit>>>,
+    /// By (target kind, direction): a handful of entries.
+    attached: Vec<((String, String), ByTarget)>,
 }
 
 impl Limits {
-    /// The limits on `kind` `target` in `direction`.
-    pub fn on(&self, kind: &str, target: &ObjectRef, direction: &str) -> &[Arc<Limit>] {
+    /// The limits on `kind` `namespace/name` in `direction`.
+    pub fn on(&self, kind: &str, target: RefKey<'_>, direction: &str) -> &[Arc<Limit>] {
         self.attached
-            .get(&(kind.to_string(), target.clone(), direction.to_string()))
+            .iter()
+            .find(|((k, d), _)| k == kind && d == direction)
+            .and_then(|(_, by)| by.get(&target))
             .map_or(&[], |v| v.as_slice())
+    }
+
+    fn attach(&mut self, kind: &str, target: ObjectRef, direction: &str, limit: Arc<Limit>) {
+        let i = match self
+            .attached
+            .iter()
+            .position(|((k, d), _)| k == kind && d == direction)
+        {
+            Some(i) => i,
+            None => {
+                let key = (kind.to_string(), direction.to_string());
+                self.attached.push((key, ByTarget::default()));
+                self.attached.len() - 1
+            }
+        };
+        self.attached[i].1.entry(target).or_default().push(limit);
     }
 
     /// A set of limits, or none when empty.
@@ -39,12 +58,15 @@ impl Limits {
 /// Compiles every RateLimitPolicy limit of `cfg`; `prev` are the running
 /// ones.
 pub fn limits(
-    cfg: &Config,
+    cfg: &Resources,
     prev: &HashMap<String, Arc<Limit>>,
     s: &Settings,
     metrics: &Metrics,
 ) -> Result<Limits, CompileError> {
     let mut out = Limits::default();
+    if cfg.rate_limit_policies.is_empty() {
+        return Ok(out);
+    }
     // The Services' replica counts, for mesh-wide limits.
     let replicas: HashMap<ObjectRef, u32> = cfg
         .services
@@ -127,10 +149,7 @@ pub fn limits(
                     governor::clock::DefaultClock::default(),
                 )),
             };
-            out.attached
-                .entry((t.kind.clone(), target.clone(), spec.direction.clone()))
-                .or_default()
-                .push(limit.clone());
+            out.attach(&t.kind, target.clone(), &spec.direction, limit.clone());
             out.by_id.insert(id, limit);
         }
     }
@@ -142,21 +161,24 @@ pub fn limits(
 mod tests {
     use super::*;
 
-    fn cfg(requests: u32) -> Config {
+    fn cfg(requests: u32) -> Resources {
         let yaml = format!(
             "kind: Service\nmetadata: {{name: a}}\nspec:\n  ports: [{{port: 80}}]\n  endpoints: [{{address: 10.0.0.1}}, {{address: 10.0.0.2}}]\n---\n\
              kind: RateLimitPolicy\nmetadata: {{name: p}}\nspec:\n  targetRef: {{name: a}}\n  limits:\n  - {{name: total, requests: {requests}, scope: Mesh}}\n  - {{name: per-user, requests: 5, key: [{{type: Header, name: x-user}}]}}\n"
         );
-        remora_proto::prepare(remora_proto::parse_yaml(&yaml, "t").unwrap()).unwrap()
+        Resources::from_config(
+            remora_proto::prepare(remora_proto::parse_yaml(&yaml, "t").unwrap()).unwrap(),
+        )
     }
 
     #[test]
     fn limits_attach_to_their_target_and_keep_their_buckets() {
         let (s, m) = (Settings::default(), Metrics::new());
         let l1 = limits(&cfg(100), &HashMap::new(), &s, &m).unwrap();
-        let a = ObjectRef::new("default", "a");
-        assert_eq!(l1.on("Service", &a, "inbound").len(), 2);
-        assert!(l1.on("Service", &a, "outbound").is_empty());
+        let a = || RefKey::new("default", "a");
+        assert_eq!(l1.on("Service", a(), "inbound").len(), 2);
+        assert!(l1.on("Service", a(), "outbound").is_empty());
+        assert!(l1.on("HTTPRoute", a(), "outbound").is_empty());
         // Mesh scope: shared by the two replicas.
         assert_eq!(l1.by_id["default/p/total"].params.share, 2);
         let l2 = limits(&cfg(100), &l1.by_id, &s, &m).unwrap();

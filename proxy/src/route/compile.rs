@@ -14,11 +14,12 @@ use crate::metrics::Metrics;
 use crate::ratelimit::compile::Limits;
 use crate::ratelimit::Limit;
 use crate::retry::{RetryBudget, RetryPolicy};
+use crate::snapshot::{RefKey, Resources};
 use http::header::{HeaderName, HeaderValue};
 use http::Method;
 use regex::Regex;
 use remora_proto::duration::parse_opt;
-use remora_proto::model::{self, Config};
+use remora_proto::model;
 use remora_proto::ObjectRef;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -31,7 +32,7 @@ const DEFAULT_RETRY_BACKOFF: Duration = Duration::from_millis(25);
 /// One route compiled for one parent Service port.
 pub struct CompiledRoute {
     /// The resource it was compiled from.
-    source: model::HttpRoute,
+    source: Arc<model::HttpRoute>,
     /// The clusters it sends to, in resolution order: reused only while
     /// they are the very same objects.
     clusters: Vec<Arc<Cluster>>,
@@ -41,25 +42,46 @@ pub struct CompiledRoute {
     rules: Vec<(Vec<Arc<Matcher>>, Arc<Rule>)>,
 }
 
-/// Compiled routes by (route, parent Service, port).
-pub type RouteCache = HashMap<(ObjectRef, ObjectRef, u16), Arc<CompiledRoute>>;
+/// Compiled routes by (route, parent Service, port), the resources by
+/// identity (`Arc::as_ptr`): a key of the previous table names objects
+/// that the previous runtime still holds, so no new object can share it.
+pub type RouteCache = hashbrown::HashMap<(usize, usize, u16), Arc<CompiledRoute>>;
+
+/// One Service's part of the table, by the Service's identity: kept whole
+/// while what it was built from is the very same objects.
+pub type ServiceCache = hashbrown::HashMap<usize, Arc<ServiceEntry>>;
+
+pub struct ServiceEntry {
+    /// Keeps the Service alive, so its address stays its key.
+    _source: Arc<model::Service>,
+    /// The identities it was built from: each port's cluster and compiled
+    /// routes, and the Service's limits.
+    inputs: Vec<usize>,
+    routes: Arc<ServiceRoutes>,
+    /// The names that reach it.
+    hosts: Vec<Arc<str>>,
+    /// The addresses that reach it: (address, port index).
+    destinations: Vec<(SocketAddr, usize)>,
+}
 
 /// What a compiled table brings with it.
 pub struct Table {
     pub routes: RouteTable,
     pub budgets: HashMap<String, Arc<RetryBudget>>,
     pub cache: RouteCache,
+    pub services: ServiceCache,
 }
 
 /// The previous runtime's parts the route compiler reuses.
 pub struct Previous<'a> {
     pub cache: &'a RouteCache,
+    pub services: &'a ServiceCache,
     pub budgets: &'a HashMap<String, Arc<RetryBudget>>,
 }
 
 /// Builds the route table of `cfg`.
 pub fn table(
-    cfg: &Config,
+    cfg: &Resources,
     clusters: &Clusters,
     limits: &Limits,
     prev: Previous<'_>,
@@ -68,18 +90,16 @@ pub fn table(
 ) -> Result<Table, CompileError> {
     // Routes by the Services they attach to, built once: compiling is
     // linear in routes, not Services × routes.
-    let mut by_parent: HashMap<ObjectRef, Vec<&model::HttpRoute>> = HashMap::new();
+    let mut by_parent: hashbrown::HashMap<(&str, &str), Vec<&Arc<model::HttpRoute>>> =
+        hashbrown::HashMap::with_capacity(cfg.services.len());
     for r in &cfg.http_routes {
-        let mut parents: Vec<ObjectRef> = r
+        let mut parents: Vec<(&str, &str)> = r
             .spec
             .iter()
-            .flat_map(|s| {
-                s.parent_refs
-                    .iter()
-                    .map(|p| ObjectRef::new(&p.namespace, &p.name))
-            })
+            .flat_map(|s| s.parent_refs.iter())
+            .map(|p| (p.namespace.as_str(), p.name.as_str()))
             .collect();
-        parents.sort();
+        parents.sort_unstable();
         parents.dedup();
         for p in parents {
             by_parent.entry(p).or_default().push(r);
@@ -89,38 +109,53 @@ pub fn table(
     let mut out = Table {
         routes: RouteTable::default(),
         budgets: HashMap::new(),
-        cache: HashMap::new(),
+        cache: RouteCache::with_capacity(prev.cache.len()),
+        services: ServiceCache::with_capacity(cfg.services.len()),
     };
+    out.routes.hosts.reserve(cfg.services.len() * 4);
     for svc in &cfg.services {
-        let id = ObjectRef::of(svc.metadata.as_ref());
-        let service_limits = limits.on("Service", &id, "outbound");
-        let mut port_routes = Vec::new();
-        for (port, cid) in clusters.ports.get(&id).into_iter().flatten() {
-            let mut entries = Vec::new();
-            let mut attached = false;
-            for route in by_parent.get(&id).into_iter().flatten() {
-                let Some(spec) = route.spec.as_ref() else {
-                    continue;
-                };
-                let applies = spec.parent_refs.iter().any(|p| {
-                    p.namespace == id.namespace
-                        && p.name == id.name
-                        && (p.port == 0 || p.port as u16 == *port)
-                });
+        let key = RefKey::of(svc.metadata.as_ref());
+        let service_limits = limits.on("Service", key, "outbound");
+        let ports = clusters
+            .services
+            .get(&RefKey::of(svc.metadata.as_ref()))
+            .map_or(&[][..], |c| c.ports.as_slice());
+        let attached = by_parent
+            .get(&(key.namespace, key.name))
+            .map_or(&[][..], |v| v.as_slice());
+        // Each port's compiled routes, reused or compiled now.
+        let mut inputs = Vec::new();
+        let mut per_port = Vec::with_capacity(ports.len());
+        for (port, cluster) in ports {
+            inputs.push(Arc::as_ptr(cluster) as usize);
+            let mut compiled_routes = Vec::new();
+            for route in attached {
+                let applies = route
+                    .spec
+                    .iter()
+                    .flat_map(|s| s.parent_refs.iter())
+                    .any(|p| {
+                        p.namespace == key.namespace
+                            && p.name == key.name
+                            && (p.port == 0 || p.port as u16 == *port)
+                    });
                 if !applies {
                     continue;
                 }
-                attached = true;
-                let route_id = ObjectRef::of(route.metadata.as_ref());
-                let mut rule_limits = limits.on("HTTPRoute", &route_id, "outbound").to_vec();
+                let route_key = RefKey::of(route.metadata.as_ref());
+                let mut rule_limits = limits.on("HTTPRoute", route_key, "outbound").to_vec();
                 rule_limits.extend(service_limits.iter().cloned());
-                let key = (route_id, id.clone(), *port);
-                let compiled = match prev.cache.get(&key) {
-                    Some(c) if still_valid(c, route, cid, clusters, &rule_limits) => c.clone(),
+                let ckey = (
+                    Arc::as_ptr(route) as usize,
+                    Arc::as_ptr(svc) as usize,
+                    *port,
+                );
+                let compiled = match prev.cache.get(&ckey) {
+                    Some(c) if still_valid(c, route, cluster, clusters, &rule_limits) => c.clone(),
                     _ => Arc::new(compile_route(
                         route,
-                        &key.0,
-                        cid,
+                        &ObjectRef::of(route.metadata.as_ref()),
+                        cluster,
                         clusters,
                         rule_limits,
                         prev.budgets,
@@ -128,80 +163,136 @@ pub fn table(
                         metrics,
                     )?),
                 };
-                for (matchers, rule) in &compiled.rules {
+                for (_, rule) in &compiled.rules {
                     if let Some(retry) = &rule.retry {
                         out.budgets.insert(rule.id.clone(), retry.budget.clone());
                     }
-                    for m in matchers {
-                        entries.push((m.clone(), rule.clone()));
-                    }
                 }
-                out.cache.insert(key, compiled);
+                inputs.push(Arc::as_ptr(&compiled) as usize);
+                out.cache.insert(ckey, compiled.clone());
+                compiled_routes.push(compiled);
             }
-            // Stable: equal precedence keeps route order (name) then rule order.
-            entries.sort_by_key(|(m, _)| m.precedence());
-            let cluster = clusters.by_id[cid].clone();
-            let fallback = (!attached).then(|| {
-                let rule_id = format!("{id}:{port}/default");
-                Arc::new(Rule {
-                    backends: vec![Backend {
-                        metrics: metrics.route("outbound", &rule_id, cid),
-                        cluster: cluster.clone(),
-                        weight: 1,
-                    }],
-                    id: rule_id,
-                    total_weight: 1,
-                    request_headers: None,
-                    response_headers: None,
-                    mirror: None,
-                    timeout: None,
-                    per_try_timeout: None,
-                    retry: None,
-                    limits: Limits::set(service_limits.to_vec()),
-                    allowed_upgrades: Vec::new(),
-                })
-            });
-            port_routes.push(PortRoutes {
-                port: *port,
-                cluster,
-                entries,
-                fallback,
-            });
+            // Ends this port's list.
+            inputs.push(0);
+            per_port.push(compiled_routes);
         }
-        let routes = Arc::new(ServiceRoutes {
-            id: id.to_string(),
-            ports: port_routes,
-        });
-        add_destinations(&mut out.routes, svc, &routes);
-        if id.namespace == s.namespace {
-            out.routes.hosts.insert(id.name.clone(), routes.clone());
+        inputs.extend(service_limits.iter().map(|l| Arc::as_ptr(l) as usize));
+
+        let svc_key = Arc::as_ptr(svc) as usize;
+        let entry = match prev.services.get(&svc_key) {
+            Some(e) if e.inputs == inputs => e.clone(),
+            _ => Arc::new(service_entry(
+                svc,
+                ports,
+                per_port,
+                service_limits,
+                inputs,
+                s,
+                metrics,
+            )),
+        };
+        for h in &entry.hosts {
+            out.routes.hosts.insert(h.clone(), entry.routes.clone());
         }
-        let (ns, name) = (&id.namespace, &id.name);
-        for host in [
-            format!("{name}.{ns}"),
-            format!("{name}.{ns}.svc"),
-            format!("{name}.{ns}.svc.cluster.local"),
-        ] {
-            out.routes.hosts.insert(host, routes.clone());
+        for (addr, i) in &entry.destinations {
+            // An address two Services share stays with the first.
+            out.routes
+                .destinations
+                .entry(*addr)
+                .or_insert_with(|| (entry.routes.clone(), *i));
         }
+        out.services.insert(svc_key, entry);
     }
     Ok(out)
+}
+
+/// A Service's routes by port (rules in Gateway API precedence, or the
+/// fallback straight to the Service when no route is attached), and the
+/// names and addresses that reach it.
+fn service_entry(
+    svc: &Arc<model::Service>,
+    ports: &[(u16, Arc<Cluster>)],
+    per_port: Vec<Vec<Arc<CompiledRoute>>>,
+    service_limits: &[Arc<Limit>],
+    inputs: Vec<usize>,
+    s: &Settings,
+    metrics: &Metrics,
+) -> ServiceEntry {
+    let id = ObjectRef::of(svc.metadata.as_ref());
+    let mut port_routes = Vec::with_capacity(ports.len());
+    for ((port, cluster), compiled) in ports.iter().zip(per_port) {
+        let mut entries = Vec::new();
+        for c in &compiled {
+            for (matchers, rule) in &c.rules {
+                for m in matchers {
+                    entries.push((m.clone(), rule.clone()));
+                }
+            }
+        }
+        // Stable: equal precedence keeps route order (name) then rule order.
+        entries.sort_by_key(|(m, _)| m.precedence());
+        let fallback = compiled.is_empty().then(|| {
+            let rule_id = format!("{id}:{port}/default");
+            Arc::new(Rule {
+                backends: vec![Backend {
+                    metrics: metrics.route("outbound", &rule_id, &cluster.id),
+                    cluster: cluster.clone(),
+                    weight: 1,
+                }],
+                id: rule_id,
+                total_weight: 1,
+                request_headers: None,
+                response_headers: None,
+                mirror: None,
+                timeout: None,
+                per_try_timeout: None,
+                retry: None,
+                limits: Limits::set(service_limits.to_vec()),
+                allowed_upgrades: Vec::new(),
+            })
+        });
+        port_routes.push(PortRoutes {
+            port: *port,
+            cluster: cluster.clone(),
+            entries,
+            fallback,
+        });
+    }
+    let routes = Arc::new(ServiceRoutes {
+        id: id.to_string(),
+        ports: port_routes,
+    });
+    let (ns, name) = (&id.namespace, &id.name);
+    let mut hosts: Vec<Arc<str>> = Vec::with_capacity(4);
+    if *ns == s.namespace {
+        hosts.push(name.as_str().into());
+    }
+    for host in [
+        format!("{name}.{ns}"),
+        format!("{name}.{ns}.svc"),
+        format!("{name}.{ns}.svc.cluster.local"),
+    ] {
+        hosts.push(host.into());
+    }
+    ServiceEntry {
+        _source: svc.clone(),
+        inputs,
+        destinations: destinations(svc, &routes),
+        routes,
+        hosts,
+    }
 }
 
 /// The clusters a route (for one parent port) sends to, in order.
 fn resolve_all(
     route: &model::HttpRoute,
-    parent_cid: &str,
+    parent: &Arc<Cluster>,
     clusters: &Clusters,
 ) -> Result<Vec<Arc<Cluster>>, String> {
-    let mut out = vec![clusters.by_id[parent_cid].clone()];
+    let mut out = vec![parent.clone()];
     for rule in route.spec.iter().flat_map(|s| s.rules.iter()) {
         for b in &rule.backend_refs {
-            out.push(
-                clusters
-                    .resolve(&ObjectRef::new(&b.namespace, &b.name), b.port)?
-                    .clone(),
-            );
+            out.push(clusters.resolve(&b.namespace, &b.name, b.port)?.clone());
         }
         for f in &rule.filters {
             if let Some(b) = f
@@ -209,30 +300,27 @@ fn resolve_all(
                 .as_ref()
                 .and_then(|m| m.backend_ref.as_ref())
             {
-                out.push(
-                    clusters
-                        .resolve(&ObjectRef::new(&b.namespace, &b.name), b.port)?
-                        .clone(),
-                );
+                out.push(clusters.resolve(&b.namespace, &b.name, b.port)?.clone());
             }
         }
     }
     Ok(out)
 }
 
-/// Whether a compiled route can be reused: the same resource, the very
-/// same clusters and limits.
+/// Whether a compiled route can be reused: it was compiled from this very
+/// resource (the cache key says so), and it sends to the very same
+/// clusters and counts against the very same limits.
 fn still_valid(
     c: &CompiledRoute,
-    route: &model::HttpRoute,
-    parent_cid: &str,
+    route: &Arc<model::HttpRoute>,
+    parent: &Arc<Cluster>,
     clusters: &Clusters,
     limits: &[Arc<Limit>],
 ) -> bool {
-    c.source == *route
+    Arc::ptr_eq(&c.source, route)
         && c.limits.len() == limits.len()
         && c.limits.iter().zip(limits).all(|(a, b)| Arc::ptr_eq(a, b))
-        && resolve_all(route, parent_cid, clusters).is_ok_and(|now| {
+        && resolve_all(route, parent, clusters).is_ok_and(|now| {
             now.len() == c.clusters.len()
                 && now.iter().zip(&c.clusters).all(|(a, b)| Arc::ptr_eq(a, b))
         })
@@ -240,9 +328,9 @@ fn still_valid(
 
 #[allow(clippy::too_many_arguments)]
 fn compile_route(
-    route: &model::HttpRoute,
+    route: &Arc<model::HttpRoute>,
     route_id: &ObjectRef,
-    parent_cid: &str,
+    parent: &Arc<Cluster>,
     clusters: &Clusters,
     limits: Vec<Arc<Limit>>,
     budgets: &HashMap<String, Arc<RetryBudget>>,
@@ -261,7 +349,7 @@ fn compile_route(
         } else {
             format!("{route_id}/{}", rule.name)
         };
-        let mut compiled = compile_rule(&rule_id, rule, parent_cid, clusters, budgets, s, metrics)
+        let mut compiled = compile_rule(&rule_id, rule, parent, clusters, budgets, s, metrics)
             .map_err(|e| at(&rule_id, e))?;
         compiled.limits = set.clone();
         let matchers = compile_matches(rule)
@@ -272,7 +360,7 @@ fn compile_route(
         rules.push((matchers, Arc::new(compiled)));
     }
     let clusters =
-        resolve_all(route, parent_cid, clusters).map_err(|e| at(&route_id.to_string(), e))?;
+        resolve_all(route, parent, clusters).map_err(|e| at(&route_id.to_string(), e))?;
     Ok(CompiledRoute {
         source: route.clone(),
         clusters,
@@ -284,20 +372,18 @@ fn compile_route(
 fn compile_rule(
     rule_id: &str,
     rule: &model::HttpRouteRule,
-    parent_cid: &str,
+    parent: &Arc<Cluster>,
     clusters: &Clusters,
     budgets: &HashMap<String, Arc<RetryBudget>>,
     s: &Settings,
     metrics: &Metrics,
 ) -> Result<Rule, String> {
     let resolve = |b: &model::BackendRef| -> Result<Arc<Cluster>, String> {
-        clusters
-            .resolve(&ObjectRef::new(&b.namespace, &b.name), b.port)
-            .cloned()
+        clusters.resolve(&b.namespace, &b.name, b.port).cloned()
     };
     let mut backends = Vec::new();
     if rule.backend_refs.is_empty() {
-        let cluster = clusters.by_id[parent_cid].clone();
+        let cluster = parent.clone();
         backends.push(Backend {
             metrics: metrics.route("outbound", rule_id, &cluster.id),
             cluster,
@@ -384,10 +470,10 @@ fn compile_rule(
 /// Where intercepted connections to `svc` arrive: its virtual addresses on
 /// each port, and its endpoints on the port the app listens on (a meshed
 /// endpoint registers its proxy's inbound port, but the app behind it
-/// listens on the targetPort). An address two Services share stays with
-/// the first.
-fn add_destinations(table: &mut RouteTable, svc: &model::Service, routes: &Arc<ServiceRoutes>) {
-    let Some(spec) = &svc.spec else { return };
+/// listens on the targetPort). With the index of the port's routes.
+fn destinations(svc: &model::Service, routes: &ServiceRoutes) -> Vec<(SocketAddr, usize)> {
+    let mut out = Vec::new();
+    let Some(spec) = &svc.spec else { return out };
     for p in &spec.ports {
         let Some(i) = routes
             .ports
@@ -410,13 +496,9 @@ fn add_destinations(table: &mut RouteTable, svc: &model::Service, routes: &Arc<S
             };
             Some(SocketAddr::new(ip, port as u16))
         });
-        for addr in vips.chain(endpoints) {
-            table
-                .destinations
-                .entry(addr)
-                .or_insert_with(|| (routes.clone(), i));
-        }
+        out.extend(vips.chain(endpoints).map(|a| (a, i)));
     }
+    out
 }
 
 fn header_mod(h: &model::HttpHeaderFilter) -> Result<HeaderMod, String> {
@@ -494,15 +576,21 @@ fn compile_match(m: &model::HttpRouteMatch) -> Result<Matcher, String> {
     })
 }
 
-/// For tests: whether the rules of `route` for `parent`:`port` in `a` and
-/// `b` are the very same compiled objects.
+/// For tests: the route named `key.0` compiled for port `key.1`.
 #[cfg(test)]
-pub(crate) fn same_compiled(
-    a: &RouteCache,
-    b: &RouteCache,
-    key: &(ObjectRef, ObjectRef, u16),
-) -> bool {
-    match (a.get(key), b.get(key)) {
+pub(crate) fn compiled<'a>(c: &'a RouteCache, key: &(&str, u16)) -> Option<&'a Arc<CompiledRoute>> {
+    c.iter()
+        .find(|((_, _, port), r)| {
+            *port == key.1 && r.source.metadata.as_ref().is_some_and(|m| m.name == key.0)
+        })
+        .map(|(_, r)| r)
+}
+
+/// For tests: whether route `key.0` for port `key.1` in `a` and `b` is the
+/// very same compiled object.
+#[cfg(test)]
+pub(crate) fn same_compiled(a: &RouteCache, b: &RouteCache, key: &(&str, u16)) -> bool {
+    match (compiled(a, key), compiled(b, key)) {
         (Some(x), Some(y)) => Arc::ptr_eq(x, y),
         _ => false,
     }
@@ -547,53 +635,57 @@ spec:
 ";
 
     struct Compiled {
+        resources: Resources,
         clusters: Clusters,
         limits: Limits,
         table: Table,
     }
 
+    /// Compiles `yaml` as a file config after `prev` (its equal resources
+    /// adopted, as `source::apply` does).
     fn compile(yaml: &str, prev: Option<&Compiled>) -> Compiled {
         let (s, m) = (Settings::default(), Metrics::new());
-        let cfg = remora_proto::prepare(remora_proto::parse_yaml(yaml, "t").unwrap()).unwrap();
-        let empty = (
-            HashMap::new(),
+        let mut cfg = Resources::from_config(
+            remora_proto::prepare(remora_proto::parse_yaml(yaml, "t").unwrap()).unwrap(),
+        );
+        let (empty_c, empty_l, empty_r, empty_s, empty_b) = (
+            Clusters::default(),
             HashMap::new(),
             RouteCache::new(),
+            ServiceCache::new(),
             HashMap::new(),
         );
-        let (pc, pl, cache, budgets) = match prev {
-            Some(p) => (
-                &p.clusters.by_id,
-                &p.limits.by_id,
-                &p.table.cache,
-                &p.table.budgets,
-            ),
-            None => (&empty.0, &empty.1, &empty.2, &empty.3),
+        let (pc, pl, cache, services, budgets) = match prev {
+            Some(p) => {
+                cfg.adopt(&p.resources);
+                (
+                    &p.clusters,
+                    &p.limits.by_id,
+                    &p.table.cache,
+                    &p.table.services,
+                    &p.table.budgets,
+                )
+            }
+            None => (&empty_c, &empty_l, &empty_r, &empty_s, &empty_b),
         };
         let clusters = clusters(&cfg, pc, &s, &m).unwrap();
         let limits = limits(&cfg, pl, &s, &m).unwrap();
-        let table = table(
-            &cfg,
-            &clusters,
-            &limits,
-            Previous { cache, budgets },
-            &s,
-            &m,
-        )
-        .unwrap();
+        let previous = Previous {
+            cache,
+            services,
+            budgets,
+        };
+        let table = table(&cfg, &clusters, &limits, previous, &s, &m).unwrap();
         Compiled {
+            resources: cfg,
             clusters,
             limits,
             table,
         }
     }
 
-    fn key(route: &str, port: u16) -> (ObjectRef, ObjectRef, u16) {
-        (
-            ObjectRef::new("default", route),
-            ObjectRef::new("default", "web"),
-            port,
-        )
+    fn key(route: &'static str, port: u16) -> (&'static str, u16) {
+        (route, port)
     }
 
     fn rule_ids(c: &Compiled, host: &str, port: usize) -> Vec<String> {
@@ -722,7 +814,7 @@ spec:
         let without_b = MESH.replace("TIMEOUT", "1s");
         let without_b = &without_b[..without_b.rfind("---\nkind: HTTPRoute").unwrap()];
         let v5 = compile(without_b, Some(&v4));
-        assert!(!v5.table.cache.contains_key(&key("b", 80)));
+        assert!(compiled(&v5.table.cache, &key("b", 80)).is_none());
         assert_eq!(rule_ids(&v5, "web", 1), Vec::<String>::new());
     }
 

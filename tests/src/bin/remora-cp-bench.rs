@@ -201,9 +201,14 @@ struct BreakdownArgs {
     parents: String,
     #[arg(long, default_value_t = 4)]
     backends: usize,
-    /// Applies per shape (the first onto an empty runtime, the rest onto the previous one).
+    /// Applies per shape and kind of apply.
     #[arg(long, default_value_t = 11)]
     iters: usize,
+    /// Kinds of apply to run: full (onto an empty runtime), same (the same
+    /// snapshot again), 1-route (one route changed); e.g. `--kinds 1-route`
+    /// to profile one.
+    #[arg(long, default_value = "full,same,1-route")]
+    kinds: String,
     #[arg(long)]
     out: PathBuf,
 }
@@ -1368,23 +1373,35 @@ async fn swap(a: SwapArgs) -> Result<()> {
 // ------------------------------------------------------------------ breakdown
 
 async fn breakdown(a: BreakdownArgs) -> Result<()> {
+    use remora_proxy::config::Validated;
     use remora_proxy::metrics::Metrics;
     use remora_proxy::runtime::{compile, Runtime, Settings};
 
     // The proxy's defaults (remora-proxy --help).
     let settings = Settings::default();
+    let metrics = Metrics::new();
+    // One apply the way the proxy runs a snapshot (source::apply): decode
+    // and validate against the running runtime's cache, compile against
+    // it, then free the old one (the proxy does that last step on its
+    // retire thread, off the apply's path). Returns the new runtime and
+    // the three times in ms.
+    let apply =
+        |bytes: &Bytes, current: &Arc<Runtime>, v: String| -> Result<(Arc<Runtime>, [f64; 3])> {
+            let f = |d: Duration| d.as_secs_f64() * 1e3;
+            let t = Instant::now();
+            let c = Validated::from_snapshot(bytes, &current.decode_cache, &settings)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let t_check = t.elapsed();
+            let t = Instant::now();
+            let rt = compile(c, v, current, &settings, &metrics).map_err(anyhow::Error::msg)?;
+            Ok((Arc::new(rt), [f(t_check), f(t.elapsed()), 0.0]))
+        };
     let mut shapes = Vec::new();
+    // Medians, and the fastest total: on a busy machine the minimum of a
+    // deterministic step is the better estimate of its cost.
     println!(
-        "{:<9}{:>8}{:>10}{:>11}{:>11}{:>11}{:>11}{:>11}{:>11}",
-        "parents",
-        "routes",
-        "KB",
-        "decode ms",
-        "prepare ms",
-        "compile ms",
-        "drop ms",
-        "total ms",
-        "cold ms"
+        "{:<9}{:>8}{:>9}  {:<10}{:>15}{:>12}{:>11}{:>11}{:>15}",
+        "parents", "routes", "KB", "apply", "decode+check", "compile", "total", "min", "drop (off)"
     );
     for p in a.parents.split(',') {
         let parents: usize = p.trim().parse().context("--parents")?;
@@ -1397,51 +1414,95 @@ async fn breakdown(a: BreakdownArgs) -> Result<()> {
         // What the control plane sends: the prepared config, encoded.
         let cfg = remora_proto::prepare(mesh_config(&mesh)?).map_err(|e| anyhow::anyhow!("{e}"))?;
         let bytes = Bytes::from(cfg.encode_to_vec());
-        let metrics = Metrics::new();
-        let mut current = Arc::new(Runtime::empty());
-        let mut rows = Vec::new();
-        for i in 0..a.iters.max(2) {
+        let iters = a.iters.max(2);
+        let mut rows: Vec<(&str, Vec<[f64; 3]>)> = Vec::new();
+
+        // full: onto an empty runtime (nothing to reuse), as at boot.
+        let mut full = Vec::new();
+        let run = |k: &str| a.kinds.split(',').any(|x| x.trim() == k);
+        for i in 0..if run("full") { iters } else { 0 } {
+            let (rt, mut times) = apply(&bytes, &Arc::new(Runtime::empty()), format!("f{i}"))?;
             let t = Instant::now();
-            let c = Config::decode(bytes.clone())?;
-            let t_dec = t.elapsed();
-            let t = Instant::now();
-            let c =
-                remora_proxy::config::Validated::prepare(c).map_err(|e| anyhow::anyhow!("{e}"))?;
-            let t_prep = t.elapsed();
-            let t = Instant::now();
-            let rt = compile(c, format!("{i}.0"), &current, &settings, &metrics)
-                .map_err(anyhow::Error::msg)?;
-            let t_comp = t.elapsed();
-            let t = Instant::now();
-            drop(std::mem::replace(&mut current, Arc::new(rt)));
-            let t_drop = t.elapsed();
-            let f = |d: Duration| d.as_secs_f64() * 1e3;
-            rows.push([f(t_dec), f(t_prep), f(t_comp), f(t_drop)]);
+            drop(rt);
+            times[2] = t.elapsed().as_secs_f64() * 1e3;
+            full.push(times);
         }
-        let cold: f64 = rows[0].iter().sum();
-        let warm = &rows[1..];
-        let med = |k: usize| median(&warm.iter().map(|r| r[k]).collect::<Vec<_>>());
-        let total = median(&warm.iter().map(|r| r.iter().sum()).collect::<Vec<f64>>());
-        println!(
-            "{:<9}{:>8}{:>10.0}{:>11.2}{:>11.2}{:>11.2}{:>11.2}{:>11.2}{:>11.2}",
-            parents,
-            a.routes,
-            bytes.len() as f64 / 1024.0,
-            med(0),
-            med(1),
-            med(2),
-            med(3),
-            total,
-            cold
-        );
+        if !full.is_empty() {
+            rows.push(("full", full));
+        }
+
+        // same: the same snapshot again (a reconnect, an endpoint-only
+        // change elsewhere).
+        let mut current = apply(&bytes, &Arc::new(Runtime::empty()), "0".into())?.0;
+        let mut same = Vec::new();
+        for i in 0..if run("same") { iters } else { 0 } {
+            let (rt, mut times) = apply(&bytes, &current, format!("s{i}"))?;
+            let t = Instant::now();
+            drop(std::mem::replace(&mut current, rt));
+            times[2] = t.elapsed().as_secs_f64() * 1e3;
+            same.push(times);
+        }
+        if !same.is_empty() {
+            rows.push(("same", same));
+        }
+
+        // 1-route: one route changed per apply; the snapshot still
+        // carries every route.
+        let mut changer = Changer::new(&mesh);
+        let mut changed_cfg = cfg;
+        let mut one = Vec::new();
+        for i in 0..if run("1-route") { iters } else { 0 } {
+            for r in changer.next().http_routes {
+                let name = r.metadata.as_ref().map(|m| m.name.clone());
+                if let Some(slot) = changed_cfg
+                    .http_routes
+                    .iter_mut()
+                    .find(|x| x.metadata.as_ref().map(|m| m.name.clone()) == name)
+                {
+                    *slot = r;
+                }
+            }
+            let bytes = Bytes::from(changed_cfg.encode_to_vec());
+            let (rt, mut times) = apply(&bytes, &current, format!("c{i}"))?;
+            let t = Instant::now();
+            drop(std::mem::replace(&mut current, rt));
+            times[2] = t.elapsed().as_secs_f64() * 1e3;
+            one.push(times);
+        }
+        if !one.is_empty() {
+            rows.push(("1-route", one));
+        }
+
+        let mut out = serde_json::Map::new();
+        for (name, r) in &rows {
+            let med = |k: usize| median(&r.iter().map(|x| x[k]).collect::<Vec<_>>());
+            let totals: Vec<f64> = r.iter().map(|x| x[0] + x[1]).collect();
+            let total = median(&totals);
+            let min = totals.iter().copied().fold(f64::INFINITY, f64::min);
+            println!(
+                "{:<9}{:>8}{:>9.0}  {:<10}{:>15.2}{:>12.2}{:>11.2}{:>11.2}{:>15.2}",
+                parents,
+                a.routes,
+                bytes.len() as f64 / 1024.0,
+                name,
+                med(0),
+                med(1),
+                total,
+                min,
+                med(2)
+            );
+            out.insert(
+                name.to_string(),
+                json!({"decode_check_ms": round(med(0), 3), "compile_ms": round(med(1), 3), "apply_ms": round(total, 3), "apply_min_ms": round(min, 3), "drop_ms": round(med(2), 3)}),
+            );
+        }
         shapes.push(json!({
             "parents": parents,
             "routes": a.routes,
             "backends": a.backends,
             "snapshot_bytes": bytes.len(),
-            "warm_median_ms": {"decode": round(med(0), 3), "prepare": round(med(1), 3), "compile": round(med(2), 3), "drop_old": round(med(3), 3), "total": round(total, 3)},
-            "cold_ms": round(cold, 3),
-            "iterations": rows.len(),
+            "iterations": iters,
+            "median": out,
         }));
     }
     write_json(&a.out, &json!({"scenario": "breakdown", "shapes": shapes}))
