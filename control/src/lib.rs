@@ -13,6 +13,7 @@ pub mod admission;
 pub mod ca;
 pub mod discovery;
 pub mod error;
+pub mod etcd;
 pub mod fanout;
 pub mod grpc;
 pub mod history;

@@ -8,7 +8,10 @@
 //! The embedded `FileStore` writes one file per version into a data
 //! directory, atomically (temp file, fsync, link, fsync the directory), so
 //! a crash mid-write never leaves half a config and a restart finds the same
-//! versions.
+//! versions. `etcd::EtcdStore` keeps them in etcd, shared by several
+//! control-plane replicas; `Backend` is whichever the flags chose.
+
+pub mod etcd;
 
 use bytes::Bytes;
 use prost::Message;
@@ -48,6 +51,13 @@ pub enum StoreError {
     /// Compare-and-swap failed: another commit came first.
     #[error("version {found} is current, not {expected}: another change was committed first")]
     Conflict { expected: u64, found: u64 },
+    /// The store cannot be reached (etcd down or without quorum): nothing
+    /// was read or written.
+    #[error("the config store is unavailable, nothing was changed: {0}")]
+    Unavailable(String),
+    /// The store answered, refusing the request (permissions, size).
+    #[error("the config store refused the request: {0}")]
+    Refused(String),
 }
 
 /// A versioned config history. Versions are consecutive from the oldest
@@ -75,6 +85,62 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes every revision older than `below`; returns how many went.
     /// The caller never asks for the current one or the one before it.
     fn prune(&self, below: u64) -> impl Future<Output = Result<usize, StoreError>> + Send;
+    /// The newest version committed to the store, by anyone, as it
+    /// changes: how a replica learns of versions other replicas commit.
+    /// `None` when this process is the store's only writer.
+    fn follow(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
+}
+
+/// The store the flags chose: the embedded one, or etcd.
+pub enum Backend {
+    File(FileStore),
+    Etcd(etcd::EtcdStore),
+}
+
+impl Store for Backend {
+    async fn load_current(&self) -> Result<Option<Revision>, StoreError> {
+        match self {
+            Backend::File(s) => s.load_current().await,
+            Backend::Etcd(s) => s.load_current().await,
+        }
+    }
+
+    async fn get(&self, version: u64) -> Result<Option<Revision>, StoreError> {
+        match self {
+            Backend::File(s) => s.get(version).await,
+            Backend::Etcd(s) => s.get(version).await,
+        }
+    }
+
+    async fn list(&self, versions: RangeInclusive<u64>) -> Result<Vec<RevisionInfo>, StoreError> {
+        match self {
+            Backend::File(s) => s.list(versions).await,
+            Backend::Etcd(s) => s.list(versions).await,
+        }
+    }
+
+    async fn commit(&self, expected_prev: u64, rev: &Revision) -> Result<(), StoreError> {
+        match self {
+            Backend::File(s) => s.commit(expected_prev, rev).await,
+            Backend::Etcd(s) => s.commit(expected_prev, rev).await,
+        }
+    }
+
+    async fn prune(&self, below: u64) -> Result<usize, StoreError> {
+        match self {
+            Backend::File(s) => s.prune(below).await,
+            Backend::Etcd(s) => s.prune(below).await,
+        }
+    }
+
+    fn follow(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        match self {
+            Backend::File(s) => s.follow(),
+            Backend::Etcd(s) => s.follow(),
+        }
+    }
 }
 
 /// The embedded store: `<dir>/revisions/<version>.rev`, each a line of JSON
@@ -391,10 +457,44 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    #[tokio::test]
-    async fn prune_deletes_only_older_versions() {
-        let dir = temp("prune");
-        let s = FileStore::open(&dir).unwrap();
+    /// What every backend must do: compare-and-swap commits, reads of
+    /// one version and of ranges, from this handle and from `again`, a
+    /// second handle on the same store (a reopen, or another replica).
+    async fn keeps_versions_with_compare_and_swap(s: &impl Store, again: &impl Store) {
+        assert_eq!(s.load_current().await.unwrap(), None);
+        s.commit(0, &rev(1)).await.unwrap();
+        // The first commit is compare-and-swap too: version 1 exists.
+        assert!(matches!(
+            again.commit(0, &rev(1)).await,
+            Err(StoreError::Conflict {
+                expected: 0,
+                found: 1
+            })
+        ));
+        s.commit(1, &rev(2)).await.unwrap();
+        assert!(matches!(
+            again.commit(1, &rev(2)).await,
+            Err(StoreError::Conflict {
+                expected: 1,
+                found: 2
+            })
+        ));
+        // Not the next version: refused as well.
+        assert!(matches!(
+            s.commit(2, &rev(4)).await,
+            Err(StoreError::Conflict { .. })
+        ));
+        assert_eq!(again.load_current().await.unwrap(), Some(rev(2)));
+        assert_eq!(again.get(1).await.unwrap(), Some(rev(1)));
+        assert_eq!(again.get(3).await.unwrap(), None);
+        let infos = again.list(0..=u64::MAX).await.unwrap();
+        assert_eq!(infos, vec![rev(1).info, rev(2).info]);
+        assert_eq!(again.list(2..=2).await.unwrap(), vec![rev(2).info]);
+        assert_eq!(again.list(3..=9).await.unwrap(), vec![]);
+    }
+
+    /// Prune deletes exactly the older versions, and commits go on.
+    async fn prunes_only_older_versions(s: &impl Store) {
         for v in 1..=5 {
             s.commit(v - 1, &rev(v)).await.unwrap();
         }
@@ -411,7 +511,119 @@ mod tests {
         assert_eq!(s.get(2).await.unwrap(), None);
         // The next commit follows the current one, pruned or not.
         s.commit(5, &rev(6)).await.unwrap();
+        assert_eq!(s.load_current().await.unwrap(), Some(rev(6)));
+    }
+
+    #[tokio::test]
+    async fn file_store_keeps_versions_with_compare_and_swap() {
+        let dir = temp("cas");
+        let s = FileStore::open(&dir).unwrap();
+        // One process owns a data directory: the second handle is a reopen
+        // after the fact, so it sees the first's commits as it opens.
+        keeps_versions_with_compare_and_swap(&s, &Reopen(dir.clone())).await;
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A FileStore opened anew for each call: what a restart sees.
+    struct Reopen(PathBuf);
+
+    impl Store for Reopen {
+        async fn load_current(&self) -> Result<Option<Revision>, StoreError> {
+            FileStore::open(&self.0)?.load_current().await
+        }
+        async fn get(&self, version: u64) -> Result<Option<Revision>, StoreError> {
+            FileStore::open(&self.0)?.get(version).await
+        }
+        async fn list(&self, v: RangeInclusive<u64>) -> Result<Vec<RevisionInfo>, StoreError> {
+            FileStore::open(&self.0)?.list(v).await
+        }
+        async fn commit(&self, prev: u64, rev: &Revision) -> Result<(), StoreError> {
+            FileStore::open(&self.0)?.commit(prev, rev).await
+        }
+        async fn prune(&self, below: u64) -> Result<usize, StoreError> {
+            FileStore::open(&self.0)?.prune(below).await
+        }
+    }
+
+    #[tokio::test]
+    async fn file_store_prunes_only_older_versions() {
+        let dir = temp("prune");
+        prunes_only_older_versions(&FileStore::open(&dir).unwrap()).await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn etcd_store_keeps_versions_with_compare_and_swap() {
+        let Some(e) = crate::etcd::testing::TestEtcd::start("store_cas").await else {
+            return;
+        };
+        let a = etcd::EtcdStore::open(e.client(), "/t/");
+        let b = etcd::EtcdStore::open(e.client(), "/t/");
+        keeps_versions_with_compare_and_swap(&a, &b).await;
+        // Another prefix is another history.
+        let other = etcd::EtcdStore::open(e.client(), "/other/");
+        assert_eq!(other.load_current().await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn etcd_store_prunes_only_older_versions() {
+        let Some(e) = crate::etcd::testing::TestEtcd::start("store_prune").await else {
+            return;
+        };
+        prunes_only_older_versions(&etcd::EtcdStore::open(e.client(), "/t/")).await;
+    }
+
+    #[tokio::test]
+    async fn etcd_store_reports_versions_other_replicas_commit() {
+        let Some(e) = crate::etcd::testing::TestEtcd::start("store_follow").await else {
+            return;
+        };
+        let a = etcd::EtcdStore::open(e.client(), "/t/");
+        let b = etcd::EtcdStore::open(e.client(), "/t/");
+        let mut seen = b.follow().unwrap();
+        for v in 1..=3 {
+            a.commit(v - 1, &rev(v)).await.unwrap();
+            let got = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                seen.wait_for(|s| *s == v),
+            )
+            .await;
+            assert!(got.is_ok(), "replica b never saw version {v}");
+        }
+        // A replica that starts later starts from the current version.
+        let c = etcd::EtcdStore::open(e.client(), "/t/");
+        let mut late = c.follow().unwrap();
+        let got = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            late.wait_for(|s| *s == 3),
+        )
+        .await;
+        assert!(got.is_ok());
+    }
+
+    #[tokio::test]
+    async fn etcd_store_unreachable_is_unavailable_and_writes_nothing() {
+        let Some(e) = crate::etcd::testing::TestEtcd::start("store_down").await else {
+            return;
+        };
+        let s = etcd::EtcdStore::open(e.client(), "/t/");
+        s.commit(0, &rev(1)).await.unwrap();
+        let endpoint = e.endpoint.clone();
+        drop(e);
+        let down = crate::etcd::Etcd::new(&crate::etcd::Options {
+            endpoints: vec![endpoint],
+            ..Default::default()
+        })
+        .unwrap();
+        let s = etcd::EtcdStore::open(down, "/t/");
+        let err = s.commit(1, &rev(2)).await.unwrap_err();
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
+        assert!(
+            err.to_string().starts_with(
+                "the config store is unavailable, nothing was changed: etcd is unavailable"
+            ),
+            "{err}"
+        );
     }
 
     #[tokio::test]
