@@ -181,6 +181,26 @@ impl Ca {
         assemble(ders, key_pair, settings, &from)
     }
 
+    /// A CA held as PEM text rather than in files (a root kept in etcd);
+    /// `source` says where, in errors.
+    pub fn from_pem(
+        cert_pem: &str,
+        key_pem: &str,
+        source: &str,
+        settings: Settings,
+    ) -> Result<Ca, CaError> {
+        settings.check()?;
+        let at = Path::new(source);
+        let ders = parse_certs(at, cert_pem.as_bytes())?;
+        let key_pair = KeyPair::from_pem(key_pem).map_err(|e| invalid(at, e))?;
+        assemble(ders, key_pair, settings, &|_| at.to_path_buf())
+    }
+
+    /// A new root CA: its certificate and its key, as PEM.
+    pub fn generate_root_pem() -> Result<(String, String), CaError> {
+        generate_root()
+    }
+
     /// Signs the public key of `csr_pem` for `namespace`/`service_account`.
     pub fn issue(
         &self,
@@ -499,7 +519,12 @@ fn encode_pem(der: &[u8]) -> String {
 /// Every CERTIFICATE block of a PEM file, as DER.
 fn read_certs(path: &Path) -> Result<Vec<Vec<u8>>, CaError> {
     let bytes = std::fs::read(path).map_err(|e| io(path, e))?;
-    let blocks = pem::parse_many(&bytes).map_err(|e| invalid(path, e))?;
+    parse_certs(path, &bytes)
+}
+
+/// Every CERTIFICATE block of PEM text read from `path`, as DER.
+fn parse_certs(path: &Path, bytes: &[u8]) -> Result<Vec<Vec<u8>>, CaError> {
+    let blocks = pem::parse_many(bytes).map_err(|e| invalid(path, e))?;
     let certs: Vec<Vec<u8>> = blocks
         .into_iter()
         .filter(|p| p.tag() == "CERTIFICATE")

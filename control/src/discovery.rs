@@ -181,12 +181,16 @@ impl<S: Store> DiscoveryService<S> {
             },
             None => (None, "none"),
         };
-        if let Err(refused) = self.mesh.admit(
-            caller.as_ref(),
-            &hello.node_id,
-            &hello.service,
-            hello.instance.as_ref(),
-        ) {
+        if let Err(refused) = self
+            .mesh
+            .admit(
+                caller.as_ref(),
+                &hello.node_id,
+                &hello.service,
+                hello.instance.as_ref(),
+            )
+            .await
+        {
             let who = caller.as_ref().map(|c| c.to_string()).unwrap_or_default();
             warn!(node, peer, identity = %who, service = %hello.service, reason = %refused, "Discovery stream refused");
             return Err(refused.into());
@@ -198,6 +202,7 @@ impl<S: Store> DiscoveryService<S> {
             &hello.service,
             &hello.last_version,
             hello.instance.clone(),
+            &identity,
         );
 
         // ACKs, NACKs and deregistration arrive on the request stream.

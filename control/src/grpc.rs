@@ -160,7 +160,7 @@ impl<S: Store> Admin for AdminService<S> {
     }
 
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
-        Ok(Response::new(self.mesh.status()))
+        Ok(Response::new(self.mesh.status().await))
     }
 }
 

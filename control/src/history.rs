@@ -3,10 +3,17 @@
 //! committed all or nothing, one at a time; older versions are read from
 //! the store only when `history` or `rollback` need them, and the retention
 //! prunes them there, never the current version or the one before it.
+//!
+//! With a store shared by several replicas, another replica may commit
+//! first: a change based on a version that is no longer current is refused
+//! by the store's compare-and-swap, and is then made again on the version
+//! the store holds (`catch_up`), up to `ATTEMPTS` times, so concurrent
+//! applies land one after the other. Versions other replicas commit are
+//! taken in by `catch_up` too (the mesh's follower calls it).
 
 use crate::error::MeshError;
 use crate::resources::{self, Action, Change};
-use crate::store::{Revision, RevisionInfo, Store};
+use crate::store::{Revision, RevisionInfo, Store, StoreError};
 use remora_proto::model::Config;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -77,6 +84,9 @@ fn validate(cfg: Config) -> Result<Config, MeshError> {
     Ok(cfg)
 }
 
+/// Tries of one change when other replicas keep committing first.
+const ATTEMPTS: usize = 4;
+
 fn now_unix() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -117,10 +127,12 @@ impl<S: Store> History<S> {
     pub async fn apply(&self, mut add: Config, author: &str) -> Result<Outcome, MeshError> {
         let _w = self.write.lock().await;
         remora_proto::validate::normalize(&mut add);
-        let cur = self.current();
-        let mut next = cur.config.clone();
-        resources::upsert(&mut next, add);
-        self.change(&cur, validate(next)?, author, None).await
+        self.change_current(author, None, |cur| {
+            let mut next = cur.config.clone();
+            resources::upsert(&mut next, add.clone());
+            validate(next)
+        })
+        .await
     }
 
     /// What `apply(add)` would change.
@@ -148,13 +160,15 @@ impl<S: Store> History<S> {
             ns
         };
         let _w = self.write.lock().await;
-        let cur = self.current();
-        let mut next = cur.config.clone();
         let key = (kind, ns.to_string(), name.to_string());
-        if !resources::remove(&mut next, &key) {
-            return Err(MeshError::NotFound(resources::describe(&key)));
-        }
-        self.change(&cur, validate(next)?, author, None).await
+        self.change_current(author, None, |cur| {
+            let mut next = cur.config.clone();
+            if !resources::remove(&mut next, &key) {
+                return Err(MeshError::NotFound(resources::describe(&key)));
+            }
+            validate(next)
+        })
+        .await
     }
 
     /// The running config's resources of `kind` (any if empty) in `ns`
@@ -196,9 +210,60 @@ impl<S: Store> History<S> {
         };
         let mut config = target.config;
         resources::canonicalize(&mut config);
-        let cur = self.current();
         let prefix = format!("rollback to version {version}: ");
-        self.change(&cur, config, author, Some(&prefix)).await
+        self.change_current(author, Some(&prefix), |_| Ok(config.clone()))
+            .await
+    }
+
+    /// Commits what `next` makes of the current config; when another
+    /// replica committed first, takes in its version and makes the change
+    /// again on it.
+    async fn change_current(
+        &self,
+        author: &str,
+        summary_prefix: Option<&str>,
+        next: impl Fn(&Current) -> Result<Config, MeshError>,
+    ) -> Result<Outcome, MeshError> {
+        let mut attempt = 1;
+        loop {
+            let cur = self.current();
+            let config = next(&cur)?;
+            match self.change(&cur, config, author, summary_prefix).await {
+                Err(MeshError::Store(StoreError::Conflict { found, .. })) if attempt < ATTEMPTS => {
+                    info!(
+                        based_on = cur.version,
+                        current = found,
+                        "another replica committed first; applying the change again on the current version"
+                    );
+                    self.catch_up().await?;
+                    attempt += 1;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// Takes in the store's current version if it is newer than the
+    /// running one (committed by another replica); returns it if so.
+    pub async fn catch_up(&self) -> Result<Option<u64>, MeshError> {
+        let Some(rev) = self.store.load_current().await? else {
+            return Ok(None);
+        };
+        let version = rev.info.version;
+        let mut config = rev.config;
+        resources::canonicalize(&mut config);
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if version <= current.version {
+            return Ok(None);
+        }
+        info!(version, from = current.version, author = %rev.info.author, summary = %rev.info.summary, "config version committed by another replica taken in");
+        *current = Arc::new(Current::new(version, config, Some(Instant::now())));
+        Ok(Some(version))
+    }
+
+    /// The store (for the mesh's follower).
+    pub fn store(&self) -> &S {
+        &self.store
     }
 
     /// Commits `next` unless it equals the running config.
@@ -239,7 +304,13 @@ impl<S: Store> History<S> {
         let Revision { info, config } = rev;
         info!(version = info.version, author = %info.author, summary = %info.summary, "config committed");
         let now = Current::new(info.version, config, Some(Instant::now()));
-        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(now);
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        // The follower cannot have taken in a newer one: this commit was
+        // the store's next version.
+        if current.version < info.version {
+            *current = Arc::new(now);
+        }
+        drop(current);
         Ok(Outcome {
             version: info.version,
             changed: true,

@@ -26,6 +26,7 @@ pub mod push;
 pub mod registry;
 pub mod resources;
 pub mod review;
+pub mod shared;
 pub mod snapshot;
 pub mod store;
 pub mod tls;

@@ -4,19 +4,20 @@
 //! (`push`). `Mesh` is what the gRPC services call; it decides when a
 //! snapshot must be rebuilt, and the publisher task rebuilds it.
 
-use crate::admission::Caller;
+use crate::admission::{check_instance, Caller, Refused};
 use crate::error::MeshError;
 use crate::history::{History, Outcome, Retention};
 use crate::metrics::{Metrics, StateCollector};
 use crate::proxies::{Answer, Proxies, Proxy};
 use crate::push::Pushes;
-use crate::registry::Registry;
+use crate::registry::{check_hello, Registry};
 use crate::resources::Change;
+use crate::shared::Shared;
 use crate::snapshot::{self, Inputs, Published, Snapshots};
 use crate::store::{RevisionInfo, Store};
-use remora_proto::control::{Instance, StatusResponse};
+use remora_proto::control::{Instance, ProxyStatus, StatusResponse};
 use remora_proto::model::Config;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::{watch, Notify};
 use tracing::{info, warn};
@@ -51,6 +52,9 @@ pub struct Mesh<S> {
     grace: Duration,
     /// Wakes the pruner of old versions.
     prune: Arc<Notify>,
+    /// With etcd: the instances, node bindings and statuses every replica
+    /// shares (`share`).
+    shared: OnceLock<Arc<Shared>>,
 }
 
 /// A proxy's stream: its entry, and its scope's snapshots.
@@ -80,9 +84,11 @@ impl<S: Store> Mesh<S> {
             trust_bundle: Mutex::new(Arc::from("")),
             grace: options.grace,
             prune: Arc::default(),
+            shared: OnceLock::new(),
         });
         spawn_publisher(&mesh);
         spawn_pruner(&mesh);
+        spawn_follower(&mesh);
         mesh.prune.notify_one();
         Ok(mesh)
     }
@@ -100,6 +106,20 @@ impl<S: Store> Mesh<S> {
     /// How long a proxy whose stream ended stays in the status table.
     pub fn set_status_retention(&self, d: Duration) {
         self.proxies.set_retention(d);
+        if let Some(sh) = self.shared.get() {
+            sh.writer().set_retention(d);
+        }
+    }
+
+    /// Shares instances, node bindings and proxies' status with the other
+    /// replicas through etcd (under `prefix`), instead of keeping them in
+    /// this process (call before serving, once).
+    pub fn share(&self, etcd: crate::etcd::Etcd, prefix: &str) {
+        let snapshots = self.snapshots.clone();
+        let shared = Shared::start(etcd, prefix, self.registry.clone(), self.grace, move || {
+            snapshots.request(Instant::now())
+        });
+        let _ = self.shared.set(shared);
     }
 
     /// Builds and sends the snapshots of what changed since `since`.
@@ -116,9 +136,11 @@ impl<S: Store> Mesh<S> {
             instances: &instances,
             trust_bundle_pem: &bundle,
         };
-        if let Some(version) = self.snapshots.publish(&inputs, since) {
-            self.pushes.start(version, since.elapsed());
-        }
+        // The push starts before any stream sees the version: an ACK
+        // cannot come before it.
+        self.snapshots.publish_then(&inputs, since, |version| {
+            self.pushes.start(version.clone(), since.elapsed())
+        });
     }
 
     // ---------------------------------------------------------- registry
@@ -175,7 +197,7 @@ impl<S: Store> Mesh<S> {
     /// Checks a proxy's Hello against who it is (`caller`: its verified
     /// identity; `None` on a control plane without authentication, where
     /// only the shape is checked), and binds the node id to the caller.
-    pub fn admit(
+    pub async fn admit(
         &self,
         caller: Option<&Caller>,
         node: &str,
@@ -183,24 +205,46 @@ impl<S: Store> Mesh<S> {
         instance: Option<&Instance>,
     ) -> Result<(), MeshError> {
         let current = self.history.current();
-        Ok(self
-            .registry
-            .admit(&current.config, caller, node, service, instance)?)
+        let Some(shared) = self.shared.get() else {
+            return Ok(self
+                .registry
+                .admit(&current.config, caller, node, service, instance)?);
+        };
+        check_hello(&current.config, caller, node, service, instance)?;
+        let Some(caller) = caller else {
+            return Ok(());
+        };
+        let who = caller.to_string();
+        match self.registry.owner(node) {
+            Some(owner) if owner != who => Err(Refused::Denied(format!(
+                "node {node} belongs to {owner}: another identity cannot take it over"
+            ))
+            .into()),
+            Some(_) => Ok(()),
+            None => shared.bind(node, &who).await,
+        }
     }
 
     /// A proxy's stream opened: records it, registers the instance its
-    /// Hello names, and subscribes it to its scope.
+    /// Hello names, and subscribes it to its scope. `identity` is the
+    /// caller's (empty without authentication).
     pub fn connect(
         &self,
         node: &str,
         service: &str,
         last_version: &str,
         instance: Option<Instance>,
+        identity: &str,
     ) -> Subscription {
         self.forget_gone(false);
         let proxy = self.proxies.connect(node, service, last_version);
-        if self.registry.connected(node, service, instance) {
-            self.snapshots.request(Instant::now());
+        match self.shared.get() {
+            Some(sh) => sh.writer().connected(&proxy, identity, instance),
+            None => {
+                if self.registry.connected(node, service, instance) {
+                    self.snapshots.request(Instant::now());
+                }
+            }
         }
         let scope = snapshot::scope_of(&self.history.current(), service);
         self.metrics.streams.inc();
@@ -225,12 +269,25 @@ impl<S: Store> Mesh<S> {
                 warn!(node = %proxy.node, version, error, "proxy rejected a snapshot (NACK)");
             }
         }
+        if let Some(sh) = self.shared.get() {
+            sh.writer().touched(proxy);
+        }
     }
 
     /// The proxy can serve now: registers its instance (checked like
     /// config) under the Service its Hello named.
     pub fn register(&self, proxy: &Proxy, instance: Instance) -> Result<(), MeshError> {
         if !self.is_current(proxy) {
+            return Ok(());
+        }
+        if let Some(sh) = self.shared.get() {
+            check_instance(&instance).map_err(MeshError::Invalid)?;
+            if proxy.service.is_empty() {
+                return Err(MeshError::Invalid(
+                    "Register without a Service in the Hello".into(),
+                ));
+            }
+            sh.writer().registered(proxy, &instance);
             return Ok(());
         }
         if self
@@ -244,6 +301,11 @@ impl<S: Store> Mesh<S> {
 
     /// The proxy says its instance is going away.
     pub fn deregister(&self, proxy: &Proxy) {
+        if let (Some(sh), true) = (self.shared.get(), self.is_current(proxy)) {
+            info!(node = %proxy.node, "instance deregistered");
+            sh.writer().deregistered(proxy);
+            return;
+        }
         if self.is_current(proxy) && self.registry.remove(&proxy.node) {
             info!(node = %proxy.node, "instance deregistered");
             self.snapshots.request(Instant::now());
@@ -257,6 +319,12 @@ impl<S: Store> Mesh<S> {
         self.proxies.disconnected(proxy);
         self.metrics.streams.dec();
         if !self.is_current(proxy) {
+            return;
+        }
+        if let Some(sh) = self.shared.get() {
+            // Its keys go to leases of the grace and the retention: they
+            // expire in etcd, for every replica, unless it comes back.
+            sh.writer().disconnected(proxy);
             return;
         }
         let (mesh, proxy) = (self.clone(), proxy.clone());
@@ -286,7 +354,8 @@ impl<S: Store> Mesh<S> {
     /// Forgets proxies gone past the status retention, and then the node
     /// bindings of nodes with neither a proxy nor an instance left.
     fn forget_gone(&self, now: bool) {
-        if self.proxies.prune(now) {
+        // Shared bindings go with their leases.
+        if self.proxies.prune(now) && self.shared.get().is_none() {
             let proxies = &self.proxies;
             self.registry.forget_owners(|node| proxies.contains(node));
         }
@@ -345,15 +414,25 @@ impl<S: Store> Mesh<S> {
     }
 
     /// The running config version, the snapshot version being pushed, every
-    /// proxy, and how the latest push is going.
-    pub fn status(&self) -> StatusResponse {
+    /// proxy, and how the latest push is going. With etcd, every proxy of
+    /// every replica: this replica's own from memory, the others' as etcd
+    /// has them (only its own while etcd is unavailable).
+    pub async fn status(&self) -> StatusResponse {
         self.forget_gone(true);
-        let proxies = self
+        let mut proxies: Vec<ProxyStatus> = self
             .proxies
             .list()
             .iter()
             .map(|p| p.status(self.registry.address(&p.node)))
             .collect();
+        if let Some(sh) = self.shared.get() {
+            match sh.statuses().await {
+                Ok(all) => proxies = merge_statuses(all, proxies),
+                Err(e) => {
+                    warn!(error = %e, "remoractl status: listing only this replica's proxies")
+                }
+            }
+        }
         StatusResponse {
             config_version: self.history.current().version,
             snapshot_version: self.snapshots.version().to_string(),
@@ -361,6 +440,23 @@ impl<S: Store> Mesh<S> {
             last_push: Some(self.pushes.summary()),
         }
     }
+}
+
+/// Every replica's proxies (`shared`, from etcd) with this replica's own
+/// (`local`, fresher) over them, except where a node is connected elsewhere
+/// and only remembered here; by node id.
+fn merge_statuses(shared: Vec<ProxyStatus>, local: Vec<ProxyStatus>) -> Vec<ProxyStatus> {
+    let mut all: std::collections::BTreeMap<String, ProxyStatus> =
+        shared.into_iter().map(|p| (p.node_id.clone(), p)).collect();
+    for p in local {
+        let elsewhere = all
+            .get(&p.node_id)
+            .is_some_and(|s| s.connected && !p.connected);
+        if !elsewhere {
+            all.insert(p.node_id.clone(), p);
+        }
+    }
+    all.into_values().collect()
 }
 
 /// Rebuilds the snapshots whenever something they are made of changed;
@@ -374,6 +470,47 @@ fn spawn_publisher<S: Store>(mesh: &Arc<Mesh<S>>) {
             let Some(mesh) = weak.upgrade() else { return };
             // A big mesh takes milliseconds to build: off the async threads.
             let _ = tokio::task::spawn_blocking(move || mesh.publish(since)).await;
+        }
+    });
+}
+
+/// With a shared store: takes in each version another replica commits and
+/// publishes it to this replica's proxies. The store reports the newest
+/// version (after a broken watch or a compaction too), so versions come in
+/// order and none is missed; one that cannot be read yet (etcd away) is
+/// read again until it can.
+fn spawn_follower<S: Store>(mesh: &Arc<Mesh<S>>) {
+    let Some(mut latest) = mesh.history.store().follow() else {
+        return;
+    };
+    let weak: Weak<Mesh<S>> = Arc::downgrade(mesh);
+    tokio::spawn(async move {
+        let mut retry = crate::etcd::watch::Backoff::default();
+        loop {
+            let newest = *latest.borrow_and_update();
+            let Some(mesh) = weak.upgrade() else { return };
+            if newest > mesh.history.current().version {
+                match mesh.history.catch_up().await {
+                    Ok(Some(version)) => {
+                        retry.reset();
+                        mesh.metrics.config_version.set(version as i64);
+                        mesh.snapshots.request(Instant::now());
+                    }
+                    Ok(None) => retry.reset(),
+                    Err(e) => {
+                        if retry.attempts() == 0 {
+                            warn!(version = newest, error = %e, "cannot read a version another replica committed; retrying");
+                        }
+                        drop(mesh);
+                        retry.wait().await;
+                        continue;
+                    }
+                }
+            }
+            drop(mesh);
+            if latest.changed().await.is_err() {
+                return;
+            }
         }
     });
 }
@@ -423,7 +560,7 @@ mod tests {
             .await
             .unwrap();
         let mut subs: Vec<Subscription> = (0..3)
-            .map(|i| mesh.connect(&format!("p{i}"), "", "", None))
+            .map(|i| mesh.connect(&format!("p{i}"), "", "", None, ""))
             .collect();
         for s in &mut subs {
             let p = next_of(&mut s.snapshots, 1).await;
@@ -431,7 +568,7 @@ mod tests {
             mesh.answered(&s.proxy, &p.version, "");
         }
         // What they got on connect is not a push.
-        assert_eq!(mesh.status().last_push.unwrap().acks, 0);
+        assert_eq!(mesh.status().await.last_push.unwrap().acks, 0);
         let two = API.replace("port: 80", "port: 81");
         mesh.apply(remora_proto::parse_yaml(&two, "t").unwrap(), "t")
             .await
@@ -442,7 +579,7 @@ mod tests {
             mesh.answered(&s.proxy, &p.version, "");
             mesh.answered(&s.proxy, &p.version, "");
         }
-        let status = mesh.status();
+        let status = mesh.status().await;
         let push = status.last_push.unwrap();
         assert_eq!(push.snapshot_version, status.snapshot_version);
         assert_eq!(push.acks, 3, "one per proxy");
@@ -475,9 +612,9 @@ mod tests {
         mesh.apply(remora_proto::parse_yaml(API, "t").unwrap(), "t")
             .await
             .unwrap();
-        let mut caller = mesh.connect("web-1", "", "", None);
+        let mut caller = mesh.connect("web-1", "", "", None, "");
         let first = next_of(&mut caller.snapshots, 1).await;
-        let api = mesh.connect("api-1", "default/api", "", None);
+        let api = mesh.connect("api-1", "default/api", "", None, "");
         let inst = Instance {
             address: "10.0.0.7".into(),
             port: 4143,
@@ -489,7 +626,7 @@ mod tests {
             .wait_for(|p| p.version != first.version)
             .await
             .unwrap();
-        let status = mesh.status();
+        let status = mesh.status().await;
         let a = status
             .proxies
             .iter()
@@ -497,7 +634,7 @@ mod tests {
             .unwrap();
         assert_eq!(a.instance, "10.0.0.7:4143");
         // A stale stream of the node cannot touch what the new one did.
-        let again = mesh.connect("api-1", "default/api", "", None);
+        let again = mesh.connect("api-1", "default/api", "", None, "");
         mesh.deregister(&api.proxy);
         assert_eq!(mesh.registry.address("api-1"), "10.0.0.7:4143");
         mesh.deregister(&again.proxy);

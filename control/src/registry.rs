@@ -62,20 +62,10 @@ impl Registry {
         service: &str,
         instance: Option<&Instance>,
     ) -> Result<(), Refused> {
-        if node.is_empty() || node.len() > 253 {
-            return Err(Refused::Invalid(
-                "Hello.node_id must be 1 to 253 characters".into(),
-            ));
-        }
-        if let Some(i) = instance {
-            check_instance(i).map_err(Refused::Invalid)?;
-        }
+        check_hello(cfg, caller, node, service, instance)?;
         let Some(caller) = caller else {
             return Ok(());
         };
-        if !service.is_empty() {
-            check_service(cfg, service, caller).map_err(Refused::Denied)?;
-        }
         let who = caller.to_string();
         let mut st = self.lock();
         match st.owners.get(node) {
@@ -90,6 +80,51 @@ impl Registry {
                 Ok(())
             }
         }
+    }
+
+    /// The identity `node` is bound to, if any.
+    pub fn owner(&self, node: &str) -> Option<String> {
+        self.lock().owners.get(node).cloned()
+    }
+
+    /// The registered instance of `node`, if any.
+    pub fn instance(&self, node: &str) -> Option<Registered> {
+        self.lock().instances.get(node).cloned()
+    }
+
+    /// Mirrors a shared store: every instance at once (true if they
+    /// changed).
+    pub fn replace_instances(&self, all: BTreeMap<String, Registered>) -> bool {
+        let mut st = self.lock();
+        st.instances != all && {
+            st.instances = all;
+            st.changed()
+        }
+    }
+
+    /// Mirrors a shared store: one node's instance set or gone (true if it
+    /// changed).
+    pub fn set_instance(&self, node: &str, entry: Option<Registered>) -> bool {
+        let mut st = self.lock();
+        let changed = match entry {
+            Some(e) => st.instances.insert(node.to_string(), e.clone()) != Some(e),
+            None => st.instances.remove(node).is_some(),
+        };
+        changed && st.changed()
+    }
+
+    /// Mirrors a shared store: every node binding at once.
+    pub fn replace_owners(&self, all: BTreeMap<String, String>) {
+        self.lock().owners = all;
+    }
+
+    /// Mirrors a shared store: one node's binding set or gone.
+    pub fn set_owner(&self, node: &str, owner: Option<String>) {
+        let mut st = self.lock();
+        match owner {
+            Some(o) => st.owners.insert(node.to_string(), o),
+            None => st.owners.remove(node),
+        };
     }
 
     /// A proxy connected with a Hello for `service`: registers the
@@ -263,6 +298,30 @@ impl Registry {
             }
         }
     }
+}
+
+/// What a Hello may say, whoever keeps the bindings: a node id of 1 to 253
+/// characters, an instance checked like config, and (with a caller) a
+/// Service of the caller's own identity.
+pub fn check_hello(
+    cfg: &Config,
+    caller: Option<&Caller>,
+    node: &str,
+    service: &str,
+    instance: Option<&Instance>,
+) -> Result<(), Refused> {
+    if node.is_empty() || node.len() > 253 {
+        return Err(Refused::Invalid(
+            "Hello.node_id must be 1 to 253 characters".into(),
+        ));
+    }
+    if let Some(i) = instance {
+        check_instance(i).map_err(Refused::Invalid)?;
+    }
+    if let (Some(caller), false) = (caller, service.is_empty()) {
+        check_service(cfg, service, caller).map_err(Refused::Denied)?;
+    }
+    Ok(())
 }
 
 fn tmp_path(path: &Path) -> PathBuf {

@@ -323,6 +323,17 @@ impl Snapshots {
     /// nobody listens to. `committed_at`: when the change that makes a new
     /// version happened. Returns the version if it is new.
     pub fn publish(&self, inputs: &Inputs, committed_at: Instant) -> Option<Arc<str>> {
+        self.publish_then(inputs, committed_at, |_| ())
+    }
+
+    /// `publish`, calling `is_new` with a new version before any stream
+    /// can see it (so its push is timed from its first ACK on).
+    pub fn publish_then(
+        &self,
+        inputs: &Inputs,
+        committed_at: Instant,
+        is_new_version: impl FnOnce(&Arc<str>),
+    ) -> Option<Arc<str>> {
         let version: Arc<str> = Arc::from(version(inputs));
         // Build outside the lock: connects only wait for the list.
         let todo: Vec<(String, watch::Sender<Arc<Published>>)> = lock(&self.scopes)
@@ -356,6 +367,13 @@ impl Snapshots {
                 committed_at,
             })
         };
+        if is_new {
+            is_new_version(&version);
+            // The version being pushed, before any stream has it.
+            let mut latest = lock(&self.latest);
+            latest.version = version.clone();
+            latest.committed_at = Some(committed_at);
+        }
         let mut whole: Option<Arc<Published>> = None;
         let mut sizes = Vec::with_capacity(todo.len());
         for (scope, tx) in &todo {

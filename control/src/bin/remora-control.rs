@@ -4,12 +4,15 @@
 use anyhow::Context;
 use clap::Parser;
 use remora_control::ca::{self, Ca};
+use remora_control::etcd::Etcd;
 use remora_control::history::Retention;
 use remora_control::identity::IdentityService;
 use remora_control::kube::{KubeConfig, KubernetesReviewer};
 use remora_control::mesh::{Mesh, Options};
 use remora_control::review::{SharedTokenReviewer, TokenFileReviewer, TokenReviewer};
-use remora_control::{serve, store::FileStore, Security};
+use remora_control::store::StoreError;
+use remora_control::store::{etcd::EtcdStore, Backend, FileStore};
+use remora_control::{serve, Security};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -26,6 +29,34 @@ struct Args {
     /// Where the config history is kept (embedded store).
     #[arg(long, env = "REMORA_DATA_DIR", default_value = "remora-data")]
     data_dir: PathBuf,
+    /// Where the config history, registered instances, node bindings and
+    /// proxies' status live: `file` (the data directory; one replica) or
+    /// `etcd` (shared by every replica on the same --etcd-endpoints and
+    /// --etcd-prefix; any of them serves any proxy).
+    #[arg(long, env = "REMORA_STORE", default_value = "file", value_parser = ["file", "etcd"])]
+    store: String,
+    /// etcd members, comma-separated: `http://host:2379`, or `https://` with
+    /// --etcd-ca-file (a bare host:port is https with a CA file, else http).
+    #[arg(long, env = "REMORA_ETCD_ENDPOINTS", value_delimiter = ',')]
+    etcd_endpoints: Vec<String>,
+    /// The prefix of every key this mesh keeps in etcd.
+    #[arg(long, env = "REMORA_ETCD_PREFIX", default_value = "/remora/")]
+    etcd_prefix: String,
+    /// The CA (PEM) that verifies the etcd members' certificates.
+    #[arg(long, env = "REMORA_ETCD_CA_FILE")]
+    etcd_ca_file: Option<PathBuf>,
+    /// A client certificate (PEM) for etcd members that require one.
+    #[arg(long, env = "REMORA_ETCD_CERT_FILE", requires = "etcd_key_file")]
+    etcd_cert_file: Option<PathBuf>,
+    /// The key of --etcd-cert-file (PEM).
+    #[arg(long, env = "REMORA_ETCD_KEY_FILE", requires = "etcd_cert_file")]
+    etcd_key_file: Option<PathBuf>,
+    /// etcd's own authentication: the user...
+    #[arg(long, env = "REMORA_ETCD_USER", requires = "etcd_password_file")]
+    etcd_user: Option<String>,
+    /// ...and a file holding its password (read when a token is needed).
+    #[arg(long, env = "REMORA_ETCD_PASSWORD_FILE", requires = "etcd_user")]
+    etcd_password_file: Option<PathBuf>,
     /// Keep at most this many config versions (0: all). The current
     /// version and the one before it are always kept.
     #[arg(long, env = "REMORA_HISTORY_KEEP", default_value_t = 1000)]
@@ -55,7 +86,8 @@ struct Args {
     cert_lifetime: Duration,
     /// The CA certificate (PEM) that signs proxies' certificates: a root, or
     /// an intermediate with --ca-chain. Without it, a root generated at first
-    /// start is kept in <data-dir>/ca.
+    /// start is kept in <data-dir>/ca (with --store etcd: in etcd, made by
+    /// the first replica and loaded by the others).
     #[arg(long, env = "REMORA_CA_CERT", requires = "ca_key")]
     ca_cert: Option<PathBuf>,
     /// The private key of --ca-cert (PEM: PKCS#8, SEC1 or PKCS#1).
@@ -188,7 +220,16 @@ async fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("--metrics-addr {a}"))?,
         ),
     };
-    let store = FileStore::open(&args.data_dir).context("opening the data directory")?;
+    let etcd = match args.store.as_str() {
+        "etcd" => Some(Etcd::new(&etcd_options(&args)).context("--store etcd")?),
+        _ => None,
+    };
+    let store = match &etcd {
+        Some(e) => Backend::Etcd(EtcdStore::open(e.clone(), &args.etcd_prefix)),
+        None => {
+            Backend::File(FileStore::open(&args.data_dir).context("opening the data directory")?)
+        }
+    };
     let options = Options {
         grace: args.registration_grace,
         retention: Retention {
@@ -196,16 +237,22 @@ async fn main() -> anyhow::Result<()> {
             max_age: args.history_max_age,
         },
     };
-    let mesh = Mesh::open(store, options)
-        .await
-        .context("loading the config history")?;
+    let mesh = open_mesh(store, options).await?;
     if let Some(l) = metrics_listener {
         let addr = l.local_addr().context("metrics address")?;
         info!(%addr, "metrics listening");
         tokio::spawn(remora_control::metrics::serve(l, mesh.metrics()));
     }
-    mesh.persist_instances(args.data_dir.join("instances.pb"));
-    let pki = identity(&args)?;
+    match &etcd {
+        Some(e) => {
+            mesh.share(e.clone(), &args.etcd_prefix);
+            info!(endpoints = %e.endpoints(), prefix = %args.etcd_prefix, "sharing the mesh through etcd with every replica on these endpoints and prefix");
+        }
+        None => {
+            mesh.persist_instances(args.data_dir.join("instances.pb"));
+        }
+    }
+    let pki = identity(&args, etcd.as_ref()).await?;
     mesh.set_trust_bundle(&pki.bundle);
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -250,7 +297,10 @@ async fn main() -> anyhow::Result<()> {
     } else {
         warn!(%addr, "no --tls: gRPC is plaintext; Discovery (config, instance registration) and Identity are unauthenticated and bootstrap tokens cross in the clear: anyone who reaches this address can read the mesh's config and register endpoints");
     }
-    info!(%addr, data_dir = %args.data_dir.display(), "control plane listening");
+    match &etcd {
+        Some(_) => info!(%addr, store = "etcd", "control plane listening"),
+        None => info!(%addr, data_dir = %args.data_dir.display(), "control plane listening"),
+    }
     // Graceful shutdown waits for open streams, and a proxy's Discovery
     // stream never ends by itself: after a short grace, close them (the
     // proxies keep serving and reconnect, to this or another replica).
@@ -334,17 +384,20 @@ fn reviewer(args: &Args) -> anyhow::Result<Option<Arc<dyn TokenReviewer>>> {
     Ok(None)
 }
 
-fn identity(args: &Args) -> anyhow::Result<Pki> {
+async fn identity(args: &Args, etcd: Option<&Etcd>) -> anyhow::Result<Pki> {
     let reviewer = reviewer(args)?;
     let settings = ca::Settings {
         trust_domain: args.trust_domain.clone(),
         lifetime: args.cert_lifetime,
     };
-    let ca = match (&args.ca_cert, &args.ca_key) {
-        (Some(cert), Some(key)) => Ca::from_files(cert, key, args.ca_chain.as_deref(), settings),
-        _ => Ca::open_or_create(&args.data_dir.join("ca"), settings),
-    }
-    .context("setting up the CA")?;
+    let ca = match (&args.ca_cert, &args.ca_key, etcd) {
+        (Some(cert), Some(key), _) => Ca::from_files(cert, key, args.ca_chain.as_deref(), settings)
+            .context("setting up the CA")?,
+        (_, _, Some(etcd)) => shared_ca(etcd, &args.etcd_prefix, settings).await?,
+        _ => {
+            Ca::open_or_create(&args.data_dir.join("ca"), settings).context("setting up the CA")?
+        }
+    };
     let ca = match &args.trust_bundle {
         Some(extra) => ca.with_extra_roots(extra).context("--trust-bundle")?,
         None => ca,
@@ -357,6 +410,57 @@ fn identity(args: &Args) -> anyhow::Result<Pki> {
         bundle,
         reviewer,
     })
+}
+
+fn etcd_options(args: &Args) -> remora_control::etcd::Options {
+    remora_control::etcd::Options {
+        endpoints: args.etcd_endpoints.clone(),
+        ca_file: args.etcd_ca_file.clone(),
+        cert_file: args.etcd_cert_file.clone(),
+        key_file: args.etcd_key_file.clone(),
+        user: args.etcd_user.clone(),
+        password_file: args.etcd_password_file.clone(),
+    }
+}
+
+/// Opens the mesh on its store; with etcd away at start, waits for it
+/// (a replica without the current config has nothing to serve).
+async fn open_mesh(store: Backend, options: Options) -> anyhow::Result<Arc<Mesh<Backend>>> {
+    use remora_control::store::Store;
+    let mut waited = false;
+    while let Err(StoreError::Unavailable(e)) = store.load_current().await {
+        if !waited {
+            warn!(error = %e, "the store is unavailable; waiting for it");
+            waited = true;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Mesh::open(store, options)
+        .await
+        .context("loading the config history")
+}
+
+/// The root every replica shares through etcd (made by the first).
+async fn shared_ca(etcd: &Etcd, prefix: &str, settings: ca::Settings) -> anyhow::Result<Ca> {
+    use remora_control::shared::ca::{load_or_create, SharedCaError};
+    let mut waited = false;
+    loop {
+        match load_or_create(etcd, prefix, settings.clone()).await {
+            Ok(ca) => {
+                warn!("the CA's key is kept in etcd (no --ca-cert/--ca-key): whoever can read {prefix}ca/ there can issue any identity; restrict it with etcd's RBAC, or give every replica the same CA from files or a Secret");
+                return Ok(ca);
+            }
+            Err(SharedCaError::Etcd(remora_control::etcd::EtcdError::Unavailable { .. }))
+                if !waited =>
+            {
+                warn!("etcd is unavailable; waiting for it to load the CA");
+                waited = true;
+            }
+            Err(SharedCaError::Etcd(remora_control::etcd::EtcdError::Unavailable { .. })) => {}
+            Err(e) => return Err(anyhow::Error::new(e).context("the CA in etcd")),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// `--metrics-addr`: an address, or off.

@@ -532,8 +532,8 @@ mod tests {
         assert_eq!(next_key(b"k"), b"k\0".to_vec());
     }
 
-    #[test]
-    fn half_a_client_certificate_or_credential_is_refused() {
+    #[tokio::test]
+    async fn half_a_client_certificate_or_credential_is_refused() {
         let o = Options {
             endpoints: vec!["127.0.0.1:2379".into()],
             cert_file: Some("c.pem".into()),
