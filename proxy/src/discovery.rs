@@ -4,20 +4,29 @@
 //! by the same `source::apply` as a file, and answered with an ACK or a NACK.
 //!
 //! Static stability: the proxy never stops serving while disconnected. It
-//! reconnects with exponential backoff and jitter, and keeps the last
-//! snapshot it applied on disk, so a proxy restarted during a control-plane
-//! outage boots from it.
+//! keeps the last snapshot it applied on disk, so a proxy restarted during
+//! a control-plane outage boots from it.
+//!
+//! Failover: when the stream to a replica ends (connection refused or
+//! reset, GOAWAY, the stream ended, the replica answered Unavailable), the
+//! proxy tries the control plane's other addresses at once, one after the
+//! other (`control_plane::ControlPlane::replicas`), and backs off
+//! exponentially with jitter only once a whole round failed. Its Hello
+//! names the version it runs, so a replica that has the same version sends
+//! nothing again and counts it as ACKed.
 
-use crate::control_plane::endpoint;
+use crate::control_plane::{endpoint, is_definitive, ControlPlane, Replica};
 use crate::proxy::Proxy;
 use crate::runtime::Settings;
 use crate::source::{self, Input};
+use prometheus_client::metrics::counter::Counter;
 use prost::Message;
 use remora_proto::control::discovery_client::DiscoveryClient;
 use remora_proto::control::discovery_request::Kind;
 use remora_proto::control::{
     Ack, Deregister, DiscoveryRequest, Hello, Instance, Register, Snapshot,
 };
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
@@ -26,7 +35,8 @@ use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 pub struct DiscoveryConfig {
-    pub url: String,
+    /// The control plane's replicas (shared with the identity client).
+    pub control_plane: Arc<ControlPlane>,
     pub node_id: String,
     /// `namespace/name` of the Service this proxy fronts, or empty.
     pub service: String,
@@ -46,6 +56,10 @@ pub struct DiscoveryConfig {
 
 const LKG_FILE: &str = "last-known-good.pb";
 const MAX_MESSAGE_BYTES: usize = 64 << 20;
+/// The wait after a stream that was up ends (before the next round, with
+/// jitter: the proxies of a replica that died do not all arrive at once),
+/// and the first backoff after a round in which no replica answered.
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 
 impl DiscoveryConfig {
     fn lkg_path(&self) -> Option<PathBuf> {
@@ -117,7 +131,8 @@ fn save_snapshot(path: Option<PathBuf>, snap: &Snapshot) {
     }
 }
 
-/// Runs until shutdown: connect, stream, reconnect.
+/// Runs until shutdown: connect to a replica, stream, and on its loss move
+/// to the next.
 pub async fn run(
     cfg: DiscoveryConfig,
     proxy: Arc<Proxy>,
@@ -126,46 +141,87 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
     mut last_version: String,
 ) {
-    let connected = proxy.metrics.control_plane_connected.clone();
-    let mut backoff = Duration::from_millis(100);
+    let mut link = Link {
+        failovers: proxy.metrics.control_plane_failovers("discovery"),
+        last: None,
+        up: false,
+    };
+    let mut backoff = FIRST_BACKOFF;
+    // The replica whose stream ended last: tried last in the next round.
+    let mut lost: Option<SocketAddr> = None;
     loop {
-        let mut got_snapshot = false;
-        let result = session(
-            &cfg,
-            &proxy,
-            &settings,
-            &ready,
-            &mut shutdown,
-            &mut last_version,
-            &mut got_snapshot,
-        )
-        .await;
-        connected.set(0);
-        if *shutdown.borrow() {
-            return;
-        }
-        let running = proxy.runtime.load().version.clone();
-        match result {
-            Ok(()) => {
-                warn!(running_version = %running, "control plane closed the stream; reconnecting")
+        let replicas = cfg.control_plane.replicas(lost).await;
+        let mut was_up = false;
+        for (i, replica) in replicas.iter().enumerate() {
+            link.up = false;
+            let result = session(
+                &cfg,
+                replica,
+                &proxy,
+                &settings,
+                &ready,
+                &mut shutdown,
+                &mut last_version,
+                &mut link,
+            )
+            .await;
+            proxy.metrics.control_plane_down();
+            if *shutdown.borrow() {
+                return;
             }
-            Err(e) => match e.downcast_ref::<tonic::Status>() {
-                Some(status) if status.code() != tonic::Code::Unavailable => {
-                    warn!(url = %cfg.url, code = ?status.code(), reason = status.message(), running_version = %running,
-                        "control plane refused this proxy's stream; serving the running config")
+            cfg.control_plane.failed(replica);
+            let running = proxy.runtime.load().version.clone();
+            let next = replicas.get(i + 1).filter(|_| !link.up);
+            let next = next.map(|r| r.addr.to_string()).unwrap_or_default();
+            let definitive = match &result {
+                Ok(()) => {
+                    warn!(replica = %replica, url = %replica.url, running_version = %running,
+                        "control plane closed the stream; reconnecting");
+                    false
                 }
-                _ => {
-                    warn!(url = %cfg.url, error = %crate::identity::with_sources(&*e), running_version = %running,
-                    "control plane unreachable; serving the running config")
+                // A stream that was up and broke: the replica went away
+                // (reset, GOAWAY, a restart).
+                Err(e) if link.up => {
+                    warn!(replica = %replica, url = %replica.url, error = %crate::identity::with_sources(&**e), running_version = %running,
+                        "lost the control-plane stream; serving the running config, reconnecting");
+                    false
                 }
-            },
+                Err(e) => match e.downcast_ref::<tonic::Status>() {
+                    Some(status) if status.code() != tonic::Code::Unavailable => {
+                        warn!(replica = %replica, url = %replica.url, code = ?status.code(), reason = status.message(), running_version = %running, next = %next,
+                            "control plane refused this proxy's stream; serving the running config");
+                        is_definitive(status.code())
+                    }
+                    _ => {
+                        warn!(replica = %replica, url = %replica.url, error = %crate::identity::with_sources(&**e), running_version = %running, next = %next,
+                            "control plane unreachable; serving the running config");
+                        false
+                    }
+                },
+            };
+            if link.up {
+                // It was serving this proxy: a new round (names resolved
+                // again), with this replica last.
+                was_up = true;
+                lost = Some(replica.addr);
+                break;
+            }
+            if definitive {
+                // Every replica judges this proxy's credentials alike.
+                break;
+            }
         }
-        if got_snapshot {
-            backoff = Duration::from_millis(100);
-        }
-        // Full jitter over an exponentially growing window.
-        let wait = backoff.mul_f64(0.5 + fastrand::f64() / 2.0);
-        backoff = (backoff * 2).min(cfg.max_backoff);
+        let wait = if was_up {
+            backoff = FIRST_BACKOFF;
+            FIRST_BACKOFF.mul_f64(0.5 + fastrand::f64() / 2.0)
+        } else {
+            // Full jitter over an exponentially growing window.
+            let wait = backoff.mul_f64(0.5 + fastrand::f64() / 2.0);
+            backoff = (backoff * 2).min(cfg.max_backoff);
+            warn!(control_plane = %cfg.control_plane.describe(), tried = replicas.len(), retry_in = ?wait,
+                "no control-plane replica reachable; serving the running config");
+            wait
+        };
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = shutdown.changed() => return,
@@ -173,16 +229,41 @@ pub async fn run(
     }
 }
 
+/// Which replica the stream is on, across reconnections.
+struct Link {
+    failovers: Counter,
+    /// The replica of the last stream that opened.
+    last: Option<SocketAddr>,
+    /// The current attempt's stream opened (the replica admitted the Hello).
+    up: bool,
+}
+
+impl Link {
+    /// The stream to `replica` opened: a failover when the last one was
+    /// elsewhere.
+    fn opened(&mut self, replica: &Replica, metrics: &crate::metrics::Metrics) {
+        self.up = true;
+        metrics.control_plane_up(&replica.url, replica.addr);
+        if let Some(last) = self.last.filter(|a| *a != replica.addr) {
+            self.failovers.inc();
+            info!(from = %last, to = %replica, url = %replica.url, "failed over to another control-plane replica");
+        }
+        self.last = Some(replica.addr);
+    }
+}
+
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+#[allow(clippy::too_many_arguments)]
 async fn session(
     cfg: &DiscoveryConfig,
+    replica: &Replica,
     proxy: &Arc<Proxy>,
     settings: &Settings,
     ready: &AtomicBool,
     shutdown: &mut watch::Receiver<bool>,
     last_version: &mut String,
-    got_snapshot: &mut bool,
+    link: &mut Link,
 ) -> Result<(), BoxError> {
     // Our workload certificate once we have one; the bootstrap token before.
     let creds = proxy.tls.as_ref().and_then(|t| t.store().current());
@@ -203,7 +284,7 @@ async fn session(
         .into_iter()
         .chain(bundle.as_ref().map(|b| b.pem.as_str()))
         .collect();
-    let channel = endpoint(&cfg.url, &roots, client)?
+    let channel = endpoint(replica, &roots, client)?
         .connect_timeout(Duration::from_secs(3))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
@@ -240,13 +321,13 @@ async fn session(
         }
     }
     let mut stream = client.stream(req).await?.into_inner();
-    proxy.metrics.control_plane_connected.set(1);
-    info!(url = %cfg.url, node = %cfg.node_id, "connected to the control plane");
+    link.opened(replica, &proxy.metrics);
+    cfg.control_plane.answered(replica);
+    info!(replica = %replica, url = %replica.url, node = %cfg.node_id, last_version = %last_version, "connected to the control plane");
     loop {
         tokio::select! {
             msg = stream.message() => {
                 let Some(snap) = msg? else { return Ok(()) };
-                *got_snapshot = true;
                 let version = snap.version.clone();
                 // Roots first: a config may bring endpoints whose
                 // certificates only the new bundle verifies.

@@ -6,7 +6,9 @@
 //! time, authenticated by the current certificate (the token is needed only
 //! for the first one, or after the certificate expired); while the control
 //! plane is unreachable it retries with backoff and keeps the current
-//! certificate until it expires.
+//! certificate until it expires. Each request tries the control plane's
+//! replicas in turn (the one that answered last first) until one answers,
+//! and backs off only when none did.
 //!
 //! The certificate and key are also kept in the state directory (owner-only,
 //! written atomically) next to the last-known-good snapshot, so a proxy
@@ -17,6 +19,7 @@
 //! `ResolvesClientCert`): each new handshake gets the newest certificate,
 //! and connections already open are untouched by a renewal.
 
+use crate::control_plane::Replica;
 use crate::metrics::{Metrics, ResultLabels};
 use arc_swap::ArcSwapOption;
 use rcgen::{CertificateParams, DistinguishedName, KeyPair};
@@ -47,8 +50,8 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 /// Where to get a certificate and for whom.
 #[derive(Clone, Debug)]
 pub struct IdentityConfig {
-    /// The control plane URL (Identity is served next to Discovery).
-    pub url: String,
+    /// The control plane's replicas (Identity is served next to Discovery).
+    pub control_plane: Arc<crate::control_plane::ControlPlane>,
     pub namespace: String,
     pub service_account: String,
     /// Read before each request: a projected token may be rotated.
@@ -111,6 +114,8 @@ pub enum IdentityError {
     Refused(#[from] tonic::Status),
     #[error("unusable certificate from the control plane: {0}")]
     Invalid(String),
+    #[error("no address of --control-plane {0} resolved")]
+    NoReplica(String),
 }
 
 /// The certificate this proxy presents and the roots it trusts now.
@@ -170,9 +175,6 @@ impl<T> std::fmt::Debug for Secret<T> {
 pub struct CertStore {
     current: ArcSwapOption<Credentials>,
     bundle: ArcSwapOption<Bundle>,
-    /// A certificate was installed at least once: the proxy is ready for
-    /// mTLS (and stays ready while a renewal fails).
-    ever: std::sync::atomic::AtomicBool,
 }
 
 impl CertStore {
@@ -184,13 +186,7 @@ impl CertStore {
         self.current.load_full()
     }
 
-    /// Whether a certificate was ever installed.
-    pub fn had_certificate(&self) -> bool {
-        self.ever.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
     pub fn install(&self, c: Credentials) {
-        self.ever.store(true, std::sync::atomic::Ordering::Relaxed);
         self.bundle.store(Some(c.bundle.clone()));
         self.current.store(Some(Arc::new(c)));
     }
@@ -335,17 +331,28 @@ pub fn leaf_identity(der: &CertificateDer<'_>) -> Result<(String, SystemTime), S
     Ok((uri.to_string(), UNIX_EPOCH + Duration::from_secs(secs)))
 }
 
-/// One request: a fresh key pair, its CSR, the checked answer.
-/// `bundle`: the current trust bundle, which also verifies the control
-/// plane (next to `--control-plane-ca`). With `current` (unexpired) and an
-/// https control plane, the request is authenticated by that certificate
-/// and the bootstrap token is not read.
+/// A certificate, and the replica that issued it.
+pub struct Issued {
+    pub credentials: Credentials,
+    pub replica: Replica,
+    /// Replicas that failed before this one answered.
+    pub failed_before: usize,
+}
+
+/// One request: a fresh key pair, its CSR, the checked answer, from the
+/// first replica that answers. `bundle`: the current trust bundle, which
+/// also verifies the control plane (next to `--control-plane-ca`). With
+/// `current` (unexpired) and an https control plane, the request is
+/// authenticated by that certificate and the bootstrap token is not read.
+/// A replica that cannot be reached, or answers with anything but a
+/// refusal of this proxy's credentials, passes the request to the next;
+/// the last error is returned when none answered.
 pub async fn fetch(
     cfg: &IdentityConfig,
     bundle: Option<&str>,
     current: Option<&Credentials>,
-) -> Result<Credentials, IdentityError> {
-    let https = cfg.url.starts_with("https://");
+) -> Result<Issued, IdentityError> {
+    let https = cfg.control_plane.https();
     let current = current.filter(|c| https && c.not_after > SystemTime::now());
     let token = match current {
         Some(_) => String::new(),
@@ -361,23 +368,60 @@ pub async fn fetch(
         }
     };
     let (key, csr_pem) = new_key()?;
+    let request = IssueRequest {
+        csr_pem,
+        namespace: cfg.namespace.clone(),
+        service_account: cfg.service_account.clone(),
+        bootstrap_token: token,
+    };
     let roots: Vec<&str> = cfg.ca_pem.as_deref().into_iter().chain(bundle).collect();
     let client = current.map(|c| (c.pem.0 .0.as_str(), c.pem.0 .1.as_str()));
-    let channel = crate::control_plane::endpoint(&cfg.url, &roots, client)?
+    let replicas = cfg.control_plane.replicas(None).await;
+    let mut last_err = IdentityError::NoReplica(cfg.control_plane.describe());
+    for (i, replica) in replicas.iter().enumerate() {
+        match issue(replica, &roots, client, request.clone()).await {
+            Ok(resp) => {
+                cfg.control_plane.answered(replica);
+                let credentials = credentials(&key, &resp, &cfg.namespace, &cfg.service_account)?;
+                return Ok(Issued {
+                    credentials,
+                    replica: replica.clone(),
+                    failed_before: i,
+                });
+            }
+            Err(e) => {
+                cfg.control_plane.failed(replica);
+                let definitive = matches!(&e, IdentityError::Refused(s) if crate::control_plane::is_definitive(s.code()));
+                if definitive {
+                    return Err(e);
+                }
+                if let Some(next) = replicas.get(i + 1) {
+                    info!(replica = %replica, url = %replica.url, error = %e, next = %next,
+                        "identity request failed at a control-plane replica; trying the next");
+                }
+                last_err = e;
+            }
+        }
+    }
+    Err(last_err)
+}
+
+/// Identity.Issue at one replica.
+async fn issue(
+    replica: &Replica,
+    roots: &[&str],
+    client: Option<(&str, &str)>,
+    request: IssueRequest,
+) -> Result<IssueResponse, IdentityError> {
+    let channel = crate::control_plane::endpoint(replica, roots, client)?
         .connect_timeout(Duration::from_secs(3))
         .timeout(Duration::from_secs(10))
         .connect()
         .await?;
-    let resp = IdentityClient::new(channel)
-        .issue(IssueRequest {
-            csr_pem,
-            namespace: cfg.namespace.clone(),
-            service_account: cfg.service_account.clone(),
-            bootstrap_token: token,
-        })
+    Ok(IdentityClient::new(channel)
+        .issue(request)
         .await?
-        .into_inner();
-    credentials(&key, &resp, &cfg.namespace, &cfg.service_account)
+        .into_inner())
 }
 
 /// What the identity file holds.
@@ -461,6 +505,7 @@ pub async fn run(
             .get_or_create_owned(&ResultLabels { result })
     };
     let (ok, failed) = (counter("ok"), counter("error"));
+    let failovers = metrics.control_plane_failovers("identity");
     let expiry = metrics.identity_cert_expiry.clone();
     let mut backoff = FIRST_BACKOFF;
     // A certificate restored from disk: renew it when it is due.
@@ -481,14 +526,23 @@ pub async fn run(
         )
         .await;
         let wait = match fetched {
-            Ok(creds) => {
+            Ok(Issued {
+                credentials: creds,
+                replica,
+                failed_before,
+            }) => {
                 ok.inc();
+                if failed_before > 0 {
+                    failovers.inc();
+                }
                 backoff = FIRST_BACKOFF;
                 let renew_in = renew_after(creds.not_after);
                 info!(
                     identity = %creds.spiffe_id,
                     not_after_unix = unix(creds.not_after),
                     renew_in = ?renew_in,
+                    replica = %replica,
+                    url = %replica.url,
                     "identity certificate installed"
                 );
                 expiry.set(creds.not_after);
@@ -521,7 +575,7 @@ pub async fn run(
                 match store.current() {
                     Some(c) if c.not_after > now => {
                         let left = c.not_after.duration_since(now).unwrap_or_default();
-                        warn!(error = %e, url = %cfg.url, identity = %c.spiffe_id, expires_in = ?left,
+                        warn!(error = %e, control_plane = %cfg.control_plane.describe(), identity = %c.spiffe_id, expires_in = ?left,
                             "identity certificate renewal failed; keeping the current certificate");
                         // Wake at expiry at the latest, to drop it on time.
                         wait.min(left)
@@ -529,12 +583,12 @@ pub async fn run(
                     Some(c) => {
                         store.clear();
                         expiry.clear();
-                        warn!(error = %e, url = %cfg.url, identity = %c.spiffe_id,
+                        warn!(error = %e, control_plane = %cfg.control_plane.describe(), identity = %c.spiffe_id,
                             "identity certificate expired and could not be renewed: no identity until the control plane issues one");
                         wait
                     }
                     None => {
-                        warn!(error = %e, url = %cfg.url, "identity certificate request failed");
+                        warn!(error = %e, control_plane = %cfg.control_plane.describe(), "identity certificate request failed");
                         wait
                     }
                 }
@@ -831,7 +885,9 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("remora-identity-keep-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let cfg = |sa: &str| IdentityConfig {
-            url: "https://127.0.0.1:1".into(),
+            control_plane: Arc::new(
+                crate::control_plane::ControlPlane::parse("https://127.0.0.1:1").unwrap(),
+            ),
             namespace: "shop".into(),
             service_account: sa.into(),
             token_file: dir.join("token"),
@@ -871,7 +927,9 @@ mod tests {
         let token = dir.join("token");
         std::fs::write(&token, "t\n").unwrap();
         let cfg = |ns: &str, sa: &str, f: &std::path::Path| IdentityConfig {
-            url: "http://127.0.0.1:1".into(),
+            control_plane: Arc::new(
+                crate::control_plane::ControlPlane::parse("http://127.0.0.1:1").unwrap(),
+            ),
             namespace: ns.into(),
             service_account: sa.into(),
             token_file: f.to_path_buf(),

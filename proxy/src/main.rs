@@ -9,6 +9,7 @@ use remora_proto::ObjectRef;
 use remora_proxy::app::LocalApp;
 use remora_proxy::balance::OutlierConfig;
 use remora_proxy::cluster::Protocol;
+use remora_proxy::control_plane::ControlPlane;
 use remora_proxy::discovery::DiscoveryConfig;
 use remora_proxy::identity::{CertStore, IdentityConfig};
 use remora_proxy::init::{Cidr, InitConfig, PortRange};
@@ -68,8 +69,11 @@ struct Args {
     /// Config file, or directory of *.yaml files, watched for changes.
     #[arg(long, env = "REMORA_CONFIG", conflicts_with = "control_plane")]
     config: Option<PathBuf>,
-    /// Control plane URL (e.g. http://remora-control:4200): config streams
-    /// from it instead of a file.
+    /// Control plane URL (e.g. https://remora-control:4200): config streams
+    /// from it instead of a file. Several replicas: comma-separated URLs
+    /// (at most 16, one scheme), or a name that resolves to each of them
+    /// (resolved again before each reconnect); the proxy moves to another
+    /// when its replica goes away, verifying TLS against the URL's host.
     #[arg(long, env = "REMORA_CONTROL_PLANE")]
     control_plane: Option<String>,
     /// Root certificate(s) (PEM) that verify an https control plane (its
@@ -480,17 +484,29 @@ fn run(args: Args) -> Result<()> {
     }
     // Workload identity: a certificate from the control plane, renewed in
     // the background. A bad flag fails here, before anything runs.
-    let cp_ca = control_plane_ca(&args)?;
+    let control_plane = args
+        .control_plane
+        .as_deref()
+        .map(ControlPlane::parse)
+        .transpose()
+        .map_err(anyhow::Error::msg)?
+        .map(Arc::new);
+    let cp_ca = control_plane_ca(&args, control_plane.as_deref())?;
     let node_id = node_id(&args);
     let state_dir = args
         .state_dir
         .clone()
         .unwrap_or_else(|| std::env::temp_dir().join("remora").join(&node_id));
-    let identity = args
-        .bootstrap_token_file
-        .clone()
-        .map(|f| identity_config(&args, f, cp_ca.clone(), state_dir.clone()))
-        .transpose()?;
+    let identity = match (&args.bootstrap_token_file, &control_plane) {
+        (Some(f), Some(cp)) => Some(identity_config(
+            &args,
+            f.clone(),
+            cp.clone(),
+            cp_ca.clone(),
+            state_dir.clone(),
+        )?),
+        _ => None,
+    };
     // A certificate kept by an earlier run: mTLS at once, even while the
     // control plane is down.
     if let (Some(cfg), Some(mesh)) = (&identity, &mesh_tls) {
@@ -504,13 +520,13 @@ fn run(args: Args) -> Result<()> {
     }
     // With a control plane, ready means a config is running: from disk at
     // once if one was kept, else when the first snapshot is applied.
-    let discovery = args.control_plane.clone().map(|url| {
+    let discovery = control_plane.clone().map(|cp| {
         // The address actually bound (port 0 picks one) is what registers.
         let inbound = inbound_l.as_ref().and_then(|l| l.local_addr().ok());
         discovery_config(
             &args,
             inbound,
-            url,
+            cp,
             cp_ca,
             identity.as_ref(),
             node_id.clone(),
@@ -665,7 +681,7 @@ fn node_id(args: &Args) -> String {
 fn discovery_config(
     args: &Args,
     inbound: Option<SocketAddr>,
-    url: String,
+    control_plane: Arc<ControlPlane>,
     ca_pem: Option<String>,
     identity: Option<&IdentityConfig>,
     node_id: String,
@@ -702,8 +718,9 @@ fn discovery_config(
                 port: a.port() as u32,
                 labels,
             });
+    info!(control_plane = %control_plane.describe(), "config from the control plane");
     Ok(DiscoveryConfig {
-        url,
+        control_plane,
         node_id,
         service,
         instance,
@@ -716,11 +733,8 @@ fn discovery_config(
 }
 
 /// The roots that verify an https control plane (--control-plane-ca).
-fn control_plane_ca(args: &Args) -> Result<Option<String>> {
-    let https = args
-        .control_plane
-        .as_deref()
-        .is_some_and(|u| u.starts_with("https://"));
+fn control_plane_ca(args: &Args, cp: Option<&ControlPlane>) -> Result<Option<String>> {
+    let https = cp.is_some_and(ControlPlane::https);
     match &args.control_plane_ca {
         Some(f) => {
             let pem = std::fs::read_to_string(f)
@@ -741,11 +755,16 @@ fn control_plane_ca(args: &Args) -> Result<Option<String>> {
 fn identity_config(
     args: &Args,
     token_file: PathBuf,
+    control_plane: Arc<ControlPlane>,
     ca_pem: Option<String>,
     state_dir: PathBuf,
 ) -> Result<IdentityConfig> {
-    let url = args.control_plane.clone().unwrap_or_default();
-    if url.starts_with("http://") && !args.insecure_dev_plaintext {
+    // The token may go to any address of the list: each must be https.
+    if let Some(url) = control_plane
+        .urls()
+        .find(|u| u.starts_with("http://"))
+        .filter(|_| !args.insecure_dev_plaintext)
+    {
         bail!(
             "--control-plane {url}: the bootstrap token would cross the network in the clear. Use an https:// control plane (remora-control --tls, and --control-plane-ca here), or say --insecure-dev-plaintext for a local development setup"
         );
@@ -755,7 +774,7 @@ fn identity_config(
         .as_deref()
         .map(|s| s.rsplit('/').next().unwrap_or(s));
     let cfg = IdentityConfig {
-        url,
+        control_plane,
         state_dir: Some(state_dir),
         namespace: args
             .identity_namespace

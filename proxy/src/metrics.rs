@@ -116,6 +116,21 @@ pub struct AdminPathLabels {
     pub path: &'static str,
 }
 
+/// The control-plane replica the Discovery stream is on.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReplicaLabels {
+    /// The `--control-plane` URL it came from.
+    pub url: String,
+    /// The address connected to (ip:port).
+    pub address: String,
+}
+
+/// A client of the control plane: discovery or identity.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClientLabels {
+    pub client: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
     pub direction: &'static str,
@@ -160,6 +175,9 @@ pub struct Metrics {
     pub protocol_detections: Family<DetectLabels, Counter>,
     pub unknown_destinations: Family<ResultLabels, Counter>,
     pub control_plane_connected: Gauge,
+    /// One series, value 1, while the Discovery stream is up: which replica.
+    pub control_plane_replica: Family<ReplicaLabels, Gauge>,
+    pub control_plane_failovers: Family<ClientLabels, Counter>,
     pub ratelimit_decisions: Family<DecisionLabels, Counter>,
     pub ratelimit_overflow: Family<LimitLabels, Counter>,
     pub identity_cert_expiry: DeadlineGauge,
@@ -278,6 +296,21 @@ impl Metrics {
             "1 while the Discovery stream to the control plane is up",
             control_plane_connected.clone(),
         );
+        let control_plane_replica = Family::default();
+        registry.register(
+            "control_plane_replica_info",
+            "The control-plane replica the Discovery stream is on, by --control-plane URL and address (value 1; no sample while disconnected)",
+            control_plane_replica.clone(),
+        );
+        let control_plane_failovers = Family::<ClientLabels, Counter>::default();
+        registry.register(
+            "control_plane_failovers",
+            "Moves to another control-plane replica because the one in use failed, by client: discovery (the stream came back on another replica), identity (a certificate request succeeded at a replica after an earlier one failed)",
+            control_plane_failovers.clone(),
+        );
+        for client in ["discovery", "identity"] {
+            let _ = control_plane_failovers.get_or_create(&ClientLabels { client });
+        }
         let ratelimit_decisions = Family::default();
         registry.register(
             "ratelimit_decisions",
@@ -360,6 +393,8 @@ impl Metrics {
             protocol_detections,
             unknown_destinations,
             control_plane_connected,
+            control_plane_replica,
+            control_plane_failovers,
             ratelimit_decisions,
             ratelimit_overflow,
             identity_cert_expiry,
@@ -460,6 +495,30 @@ impl Metrics {
         self.admin_refused
             .get_or_create(&AdminPathLabels { path })
             .inc();
+    }
+
+    /// The Discovery stream is up, on the replica at `address`.
+    pub fn control_plane_up(&self, url: &str, address: std::net::SocketAddr) {
+        self.control_plane_replica.clear();
+        self.control_plane_replica
+            .get_or_create(&ReplicaLabels {
+                url: url.to_string(),
+                address: address.to_string(),
+            })
+            .set(1);
+        self.control_plane_connected.set(1);
+    }
+
+    /// The Discovery stream is down.
+    pub fn control_plane_down(&self) {
+        self.control_plane_connected.set(0);
+        self.control_plane_replica.clear();
+    }
+
+    /// The failover counter of one control-plane client.
+    pub fn control_plane_failovers(&self, client: &'static str) -> Counter {
+        self.control_plane_failovers
+            .get_or_create_owned(&ClientLabels { client })
     }
 
     pub fn error(&self, direction: &'static str, reason: &'static str) {

@@ -278,3 +278,45 @@ fn remora_control_hash(token: &str) -> String {
     let hex = String::from_utf8_lossy(&out.stdout);
     format!("sha256:{}", hex.split_whitespace().next().unwrap_or(""))
 }
+
+/// A root CA in files, as an operator hands the same one to every
+/// control-plane replica (`--ca-cert`, `--ca-key`): each replica then
+/// issues under it, proxies' certificates and its own.
+pub struct SharedCa {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    pub pem: String,
+}
+
+impl SharedCa {
+    /// A new root (ECDSA P-256), written to `dir` as root.pem and root-key.pem.
+    pub fn new(dir: &TempDir) -> SharedCa {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::default();
+        let mut dn = rcgen::DistinguishedName::new();
+        dn.push(rcgen::DnType::CommonName, "remora test mesh root");
+        p.distinguished_name = dn;
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(1));
+        p.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let pem = p.self_signed(&key).unwrap().pem();
+        SharedCa {
+            cert: dir.write("root.pem", &pem),
+            key: dir.write("root-key.pem", &key.serialize_pem()),
+            pem,
+        }
+    }
+
+    /// The remora-control flags that make a replica issue under this CA.
+    pub fn flags(&self) -> Vec<String> {
+        vec![
+            "--ca-cert".into(),
+            self.cert.display().to_string(),
+            "--ca-key".into(),
+            self.key.display().to_string(),
+        ]
+    }
+}

@@ -137,6 +137,8 @@ pub struct ProxyBuilder {
     /// The inbound address to bind (a restart keeping its address, as a
     /// pod keeps its IP); the kernel picks one otherwise.
     inbound: Option<SocketAddr>,
+    /// An /etc/hosts of its own (`hosts`).
+    hosts: Option<PathBuf>,
 }
 
 impl ProxyBuilder {
@@ -147,6 +149,7 @@ impl ProxyBuilder {
             app: None,
             pod: None,
             inbound: None,
+            hosts: None,
         }
     }
     pub fn config(mut self, path: &Path) -> Self {
@@ -171,6 +174,15 @@ impl ProxyBuilder {
     /// Binds the inbound listener to `addr`.
     pub fn inbound_at(mut self, addr: SocketAddr) -> Self {
         self.inbound = Some(addr);
+        self
+    }
+
+    /// Runs the proxy with `file` as its /etc/hosts (bind-mounted in a
+    /// mount namespace of its own, so nothing else sees it): names that
+    /// resolve to several loopback addresses. Check
+    /// [`private_hosts_unavailable`] first.
+    pub fn hosts(mut self, file: &Path) -> Self {
+        self.hosts = Some(file.to_path_buf());
         self
     }
 
@@ -270,12 +282,13 @@ impl ProxyBuilder {
         outbound: SocketAddr,
         admin: SocketAddr,
     ) -> ProxyProcess {
-        let mut cmd = match &self.pod {
-            Some((pod, uid)) => {
+        let mut cmd = match (&self.pod, &self.hosts) {
+            (Some((pod, uid)), _) => {
                 self.give_state_dirs(*uid);
                 pod.command_as(*uid, *uid, binary("remora-proxy"))
             }
-            None => Command::new(binary("remora-proxy")),
+            (None, Some(hosts)) => with_hosts(hosts, binary("remora-proxy")),
+            (None, None) => Command::new(binary("remora-proxy")),
         };
         cmd.arg("--inbound-addr")
             .arg(inbound.to_string())
@@ -316,6 +329,50 @@ impl ProxyBuilder {
             logs,
         }
     }
+}
+
+/// `program` run with `hosts` as its /etc/hosts: `unshare --mount` gives
+/// it a private mount namespace, where the file is bind-mounted over
+/// /etc/hosts, and the shell execs the program (the child's pid is the
+/// program's).
+pub fn with_hosts(hosts: &Path, program: PathBuf) -> Command {
+    let mut c = Command::new("unshare");
+    c.args([
+        "--mount",
+        "sh",
+        "-c",
+        r#"mount --bind "$0" /etc/hosts && exec "$@""#,
+    ])
+    .arg(hosts)
+    .arg(program);
+    c
+}
+
+/// Why a process cannot be given an /etc/hosts of its own here (not root,
+/// no `unshare`, mounts refused), or None when it can. Checked once.
+pub fn private_hosts_unavailable() -> Option<String> {
+    static WHY: OnceLock<Option<String>> = OnceLock::new();
+    WHY.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("remora-hosts-probe-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let file = dir.join("hosts");
+        if let Err(e) = std::fs::write(&file, "127.0.0.9 probe.remora.test\n") {
+            return Some(format!("cannot write {}: {e}", file.display()));
+        }
+        let out = with_hosts(&file, PathBuf::from("getent"))
+            .args(["hosts", "probe.remora.test"])
+            .output();
+        let _ = std::fs::remove_dir_all(&dir);
+        match out {
+            Ok(o) if String::from_utf8_lossy(&o.stdout).contains("127.0.0.9") => None,
+            Ok(o) => Some(format!(
+                "`unshare --mount` with a bind-mounted /etc/hosts does not work here: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            )),
+            Err(e) => Some(format!("cannot run `unshare`: {e}")),
+        }
+    })
+    .clone()
 }
 
 /// A pod proxy's listen addresses: inbound, outbound, admin.
