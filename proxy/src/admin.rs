@@ -295,14 +295,16 @@ fn handle(
                 .proxy
                 .tls
                 .as_ref()
-                .is_some_and(|t| !t.store().had_certificate())
+                .is_some_and(|t| t.store().current().is_none())
             {
-                // Without its first certificate a sidecar can neither accept
-                // mesh traffic (Strict) nor reach meshed endpoints. Once it
-                // had one it stays ready, even while renewals fail.
+                // Without a certificate a sidecar can neither accept mesh
+                // traffic (inbound fails closed) nor reach meshed endpoints:
+                // before its first one, and after one expired unrenewed.
+                // While renewals fail but the certificate is valid it stays
+                // ready.
                 text(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    "no workload certificate yet\n",
+                    "no valid workload certificate\n",
                 )
             } else {
                 text(StatusCode::OK, "ready\n")

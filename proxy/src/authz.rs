@@ -12,6 +12,7 @@ use http::Request;
 use remora_proto::model;
 use remora_proto::ObjectRef;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// The local Service's inbound policy.
 pub struct LocalPolicy {
@@ -22,8 +23,28 @@ pub struct LocalPolicy {
     /// The declared protocols of the Service's ports, by the port the app
     /// listens on (targetPort); undeclared ports are detected.
     pub ports: HashMap<u16, Protocol>,
-    /// The Upgrade protocols the Service's routes allow.
+    /// Every match of every rule of the routes attached to the Service,
+    /// by precedence: which rule an inbound request hit, for its route's
+    /// AuthorizationPolicies and its rule's allowed Upgrades.
+    pub rules: Vec<(Matcher, Arc<LocalRule>)>,
+}
+
+/// A rule of one of the local Service's routes, as the inbound side sees it.
+#[derive(Debug)]
+pub struct LocalRule {
+    pub route: ObjectRef,
+    /// The Upgrade protocols the rule allows (besides websocket).
     pub upgrades: Vec<String>,
+}
+
+impl LocalPolicy {
+    /// The rule a request hits (on its normalized path), if any.
+    pub fn rule_for<B>(&self, req: &Request<B>) -> Option<&LocalRule> {
+        self.rules
+            .iter()
+            .find(|(m, _)| m.matches(req))
+            .map(|(_, r)| &**r)
+    }
 }
 
 impl Default for LocalPolicy {
@@ -33,7 +54,7 @@ impl Default for LocalPolicy {
             identity_header: None,
             authz: None,
             ports: HashMap::new(),
-            upgrades: Vec::new(),
+            rules: Vec::new(),
         }
     }
 }
@@ -72,9 +93,6 @@ impl Allow {
 pub struct Authz {
     service: Option<Allow>,
     routes: HashMap<ObjectRef, Allow>,
-    /// Every match of every route attached to the local Service, by
-    /// precedence, with its route: which route a request hit.
-    matchers: Vec<(Matcher, ObjectRef)>,
 }
 
 /// A refusal: the target whose policies did not allow the caller.
@@ -84,8 +102,9 @@ pub struct Denied {
 
 impl Authz {
     /// Allowed, or the target that refused; the allowing target is
-    /// returned too, for the decision metric.
-    pub fn check<B>(&self, req: &Request<B>, id: Option<&str>) -> Result<Vec<&str>, Denied> {
+    /// returned too, for the decision metric. `route`: the local route the
+    /// request hit (`LocalPolicy::rule_for`).
+    pub fn check(&self, route: Option<&ObjectRef>, id: Option<&str>) -> Result<Vec<&str>, Denied> {
         let mut allowed = Vec::new();
         if let Some(a) = &self.service {
             if !a.allows(id) {
@@ -95,20 +114,13 @@ impl Authz {
             }
             allowed.push(a.target.as_str());
         }
-        if !self.routes.is_empty() {
-            let route = self
-                .matchers
-                .iter()
-                .find(|(m, _)| m.matches(req))
-                .map(|(_, r)| r);
-            if let Some(a) = route.and_then(|r| self.routes.get(r)) {
-                if !a.allows(id) {
-                    return Err(Denied {
-                        target: a.target.clone(),
-                    });
-                }
-                allowed.push(a.target.as_str());
+        if let Some(a) = route.and_then(|r| self.routes.get(r)) {
+            if !a.allows(id) {
+                return Err(Denied {
+                    target: a.target.clone(),
+                });
             }
+            allowed.push(a.target.as_str());
         }
         Ok(allowed)
     }
@@ -181,9 +193,8 @@ pub fn compile(cfg: &Resources, service: Option<&ObjectRef>) -> Result<LocalPoli
 
     // Route matching, only for routes of the local Service that a policy
     // targets (and every route that could shadow them).
-    let mut matchers = Vec::new();
+    let mut rules = Vec::new();
     let mut local_routes = std::collections::HashSet::new();
-    let mut upgrades = Vec::new();
     for r in &cfg.http_routes {
         let Some(rs) = &r.spec else { continue };
         let attached = rs
@@ -196,27 +207,28 @@ pub fn compile(cfg: &Resources, service: Option<&ObjectRef>) -> Result<LocalPoli
         let rid = ObjectRef::of(r.metadata.as_ref());
         local_routes.insert(rid.clone());
         for rule in &rs.rules {
-            upgrades.extend(rule.allowed_upgrades.iter().cloned());
+            let local = Arc::new(LocalRule {
+                route: rid.clone(),
+                upgrades: rule.allowed_upgrades.clone(),
+            });
             for m in crate::route::compile::compile_matches(rule)? {
-                matchers.push((m, rid.clone()));
+                rules.push((m, local.clone()));
             }
         }
     }
     routes.retain(|r, _| local_routes.contains(r));
-    upgrades.sort();
-    upgrades.dedup();
-    matchers.sort_by_key(|(m, _)| m.precedence());
+    // Stable: equal precedence keeps route order, then rule order.
+    rules.sort_by_key(|(m, _)| m.precedence());
     let authz = (service_allow.is_some() || !routes.is_empty()).then_some(Authz {
         service: service_allow,
         routes,
-        matchers,
     });
     Ok(LocalPolicy {
         mode: MtlsMode::parse(&mtls.mode),
         identity_header,
         authz,
         ports,
-        upgrades,
+        rules,
     })
 }
 
@@ -242,6 +254,12 @@ mod tests {
         let cfg = remora_proto::yaml::parse_yaml(&format!("{base}{yaml}"), "test").unwrap();
         let cfg = Resources::from_config(remora_proto::prepare(cfg).unwrap());
         compile(&cfg, Some(&ObjectRef::new("shop", "api"))).unwrap()
+    }
+
+    /// The authorization decision for a request to `path` from `id`.
+    fn check<'a>(p: &'a LocalPolicy, path: &str, id: Option<&str>) -> Result<Vec<&'a str>, Denied> {
+        let rule = p.rule_for(&req(path));
+        p.authz.as_ref().unwrap().check(rule.map(|r| &r.route), id)
     }
 
     fn req(path: &str) -> Request<()> {
@@ -278,39 +296,55 @@ mod tests {
         assert_eq!(p.ports.get(&9090), Some(&Protocol::Tcp));
         assert_eq!(p.ports.get(&9191), None);
         assert_eq!(p.ports.get(&7070), None);
-        assert_eq!(p.upgrades, ["websocket", "x-custom"]);
+        // Each rule's own Upgrades, and none of another Service's routes.
+        let upgrades: Vec<_> = p.rules.iter().map(|(_, r)| r.upgrades.clone()).collect();
+        assert_eq!(upgrades, [vec!["websocket", "x-custom"], vec!["x-custom"]]);
+        assert!(p
+            .rules
+            .iter()
+            .all(|(_, r)| r.route == ObjectRef::new("shop", "ws")));
         // A proxy that fronts no Service has nothing local.
         let none = compile(&cfg, None).unwrap();
-        assert!(none.ports.is_empty() && none.upgrades.is_empty() && none.authz.is_none());
+        assert!(none.ports.is_empty() && none.rules.is_empty() && none.authz.is_none());
+    }
+
+    #[test]
+    fn an_inbound_request_gets_the_upgrades_of_the_rule_it_hits_only() {
+        let cfg = remora_proto::parse_yaml(
+            "kind: Service\nmetadata: {name: api, namespace: shop}\nspec:\n  ports: [{port: 80}]\n---\n\
+             kind: HTTPRoute\nmetadata: {name: api, namespace: shop}\nspec:\n  parentRefs: [{name: api}]\n  rules:\n  - matches: [{path: {type: PathPrefix, value: /stream}}]\n    allowedUpgrades: [x-custom]\n  - {}\n",
+            "t",
+        )
+        .unwrap();
+        let cfg = Resources::from_config(remora_proto::prepare(cfg).unwrap());
+        let p = compile(&cfg, Some(&ObjectRef::new("shop", "api"))).unwrap();
+        let upgrades = |path: &str| p.rule_for(&req(path)).map(|r| r.upgrades.clone());
+        assert_eq!(upgrades("/stream/1"), Some(vec!["x-custom".to_string()]));
+        // Another rule of the same route allows nothing but websocket.
+        assert_eq!(upgrades("/other"), Some(vec![]));
     }
 
     #[test]
     fn service_policy_by_identity_namespace_and_trust_domain() {
         let p = policy("kind: AuthorizationPolicy\nmetadata: {name: a, namespace: shop}\nspec:\n  targetRef: {name: api}\n  from: [{identity: 'spiffe://mesh.test/ns/shop/sa/web'}]\n");
-        let a = p.authz.unwrap();
-        assert!(a.check(&req("/"), Some(WEB)).is_ok());
-        assert!(a.check(&req("/"), Some(OPS)).is_err());
-        assert!(
-            a.check(&req("/"), None).is_err(),
-            "plaintext has no identity"
-        );
+        assert!(check(&p, "/", Some(WEB)).is_ok());
+        assert!(check(&p, "/", Some(OPS)).is_err());
+        assert!(check(&p, "/", None).is_err(), "plaintext has no identity");
 
         let p = policy("kind: AuthorizationPolicy\nmetadata: {name: a, namespace: shop}\nspec:\n  targetRef: {name: api}\n  from: [{namespace: ops}]\n");
-        let a = p.authz.unwrap();
-        assert!(a.check(&req("/"), Some(OPS)).is_ok());
-        assert!(a.check(&req("/"), Some(WEB)).is_err());
+        assert!(check(&p, "/", Some(OPS)).is_ok());
+        assert!(check(&p, "/", Some(WEB)).is_err());
 
         let p = policy("kind: AuthorizationPolicy\nmetadata: {name: a, namespace: shop}\nspec:\n  targetRef: {name: api}\n  from: [{trustDomain: mesh.test}]\n");
-        let a = p.authz.unwrap();
-        assert!(a.check(&req("/"), Some(OPS)).is_ok());
-        let denied = a.check(&req("/"), Some(OTHER_TD)).err().unwrap();
+        assert!(check(&p, "/", Some(OPS)).is_ok());
+        let denied = check(&p, "/", Some(OTHER_TD)).err().unwrap();
         assert_eq!(denied.target, "Service shop/api");
     }
 
     #[test]
     fn connections_are_checked_against_service_policies_only() {
         let p = policy("kind: AuthorizationPolicy\nmetadata: {name: a, namespace: shop}\nspec:\n  targetRef: {name: api}\n  from: [{namespace: shop}]\n---\nkind: AuthorizationPolicy\nmetadata: {name: b, namespace: shop}\nspec:\n  targetRef: {kind: HTTPRoute, name: admin}\n  from: [{namespace: ops}]\n");
-        let a = p.authz.unwrap();
+        let a = p.authz.as_ref().unwrap();
         assert_eq!(
             a.check_connection(Some(WEB)).ok(),
             Some(Some("Service shop/api"))
@@ -335,12 +369,11 @@ mod tests {
     #[test]
     fn route_policy_applies_to_its_route_only() {
         let p = policy("kind: AuthorizationPolicy\nmetadata: {name: a, namespace: shop}\nspec:\n  targetRef: {kind: HTTPRoute, name: admin}\n  from: [{namespace: ops}]\n");
-        let a = p.authz.unwrap();
-        assert!(a.check(&req("/admin/users"), Some(OPS)).is_ok());
-        let denied = a.check(&req("/admin/users"), Some(WEB)).err().unwrap();
+        assert!(check(&p, "/admin/users", Some(OPS)).is_ok());
+        let denied = check(&p, "/admin/users", Some(WEB)).err().unwrap();
         assert_eq!(denied.target, "HTTPRoute shop/admin");
         assert!(
-            a.check(&req("/orders"), Some(WEB)).is_ok(),
+            check(&p, "/orders", Some(WEB)).is_ok(),
             "another path is not the route's"
         );
     }

@@ -76,7 +76,9 @@ impl Proxy {
         let retry = rule.retry.as_ref().filter(|r| {
             r.attempts > 0 && upgrade.is_none() && (is_idempotent(req.method()) || r.non_idempotent)
         });
-        if retry.is_none() && rule.mirror.is_none() {
+        // An upgrade is one try, never mirrored: a tunnel cannot be copied,
+        // and the buffered path would drop the Upgrade.
+        if upgrade.is_some() || (retry.is_none() && rule.mirror.is_none()) {
             // The common case: stream the body straight through, one try.
             let ex = exchange.within(deadline(rule.per_try_timeout));
             return self.send_streaming(cluster, req, upgrade, &ex).await;

@@ -197,10 +197,13 @@ async fn to_app<S>(
     let peer = conn.peer;
     let client_id = client.map(|c| &**c);
     let rt = proxy.runtime.load();
-    // Fails closed, as HTTP does: no config yet means no policies yet.
-    if proxy.tls.is_some() && rt.version.is_empty() {
-        proxy.metrics.error(LISTENER, "not-ready");
-        return info!(%peer, "opaque connection refused: no config yet");
+    // Fails closed, as HTTP does: no config yet means no policies yet, and
+    // a proxy with an identity serves only while it has a certificate.
+    if let Some(tls) = &proxy.tls {
+        if rt.version.is_empty() || tls.store().current().is_none() {
+            proxy.metrics.error(LISTENER, "not-ready");
+            return info!(%peer, "opaque connection refused: no config or no certificate yet");
+        }
     }
     let decision = rt
         .local

@@ -175,9 +175,14 @@ impl Proxy {
             }
         }
         let upgrade = match prepare(&mut req, rt.encoded_slashes, From::Mesh) {
-            Ok(u) => allowed_upgrade(u, &rt.local.upgrades, Direction::Inbound),
+            Ok(u) => u,
             Err(e) => return self.fail(Direction::Inbound, e, grpc),
         };
+        // The local route rule the (normalized) request hits: its route's
+        // policies and its own allowed Upgrades apply.
+        let rule = rt.local.rule_for(&req);
+        let allowed = rule.map_or(&[][..], |r| r.upgrades.as_slice());
+        let upgrade = allowed_upgrade(upgrade, allowed, Direction::Inbound);
         // The version the app behind a detected port gets: the caller's.
         if let Some(v) = req.headers_mut().remove(ORIG_PROTO) {
             if v.as_bytes().starts_with(b"HTTP/1") && app.protocol == Protocol::Detect {
@@ -188,7 +193,7 @@ impl Proxy {
         let client_id = client.as_deref();
         // Who may call: the local Service's AuthorizationPolicies.
         if let Some(authz) = &rt.local.authz {
-            let decision = authz.check(&req, client_id);
+            let decision = authz.check(rule.map(|r| &r.route), client_id);
             let count = |target: &str, result| {
                 self.metrics
                     .authz_decisions

@@ -30,29 +30,56 @@ impl Upgrade {
     /// one the proxy never agreed to, so it is no upgrade at all. Never
     /// `h2c`.
     pub fn allowed(&self, allowed: &[String]) -> bool {
-        let Ok(proto) = self.0.to_str() else {
+        let Some((name, version)) = self.protocol() else {
             return false;
         };
-        let proto = proto.trim();
-        if proto.is_empty() || proto.contains(',') {
-            return false;
-        }
-        let name = proto.split('/').next().unwrap_or("").trim();
         if name.eq_ignore_ascii_case("h2c") {
             return false;
         }
-        name.eq_ignore_ascii_case("websocket")
-            || allowed.iter().any(|a| a.eq_ignore_ascii_case(proto))
+        // An allowed `name` allows any version of it; `name/version` that
+        // version only.
+        let allows = |a: &String| {
+            let (a_name, a_version) = a.split_once('/').unwrap_or((a, ""));
+            a_name.eq_ignore_ascii_case(name)
+                && (a_version.is_empty()
+                    || version.is_some_and(|v| v.eq_ignore_ascii_case(a_version)))
+        };
+        name.eq_ignore_ascii_case("websocket") || allowed.iter().any(allows)
+    }
+
+    /// The one protocol asked for: its name and version (`name/version`).
+    fn protocol(&self) -> Option<(&str, Option<&str>)> {
+        protocol(&self.0)
     }
 
     /// Whether a 101's `Upgrade` header switches to this protocol (and
-    /// nothing else).
+    /// nothing else): the same name, and the same version when both name
+    /// one (an app answers `websocket` to `websocket/13`).
     pub fn accepted_by(&self, response: Option<&HeaderValue>) -> bool {
-        let (Ok(asked), Some(Ok(got))) = (self.0.to_str(), response.map(|v| v.to_str())) else {
+        let (Some((asked, asked_v)), Some((got, got_v))) =
+            (self.protocol(), response.and_then(protocol))
+        else {
             return false;
         };
-        asked.trim().eq_ignore_ascii_case(got.trim())
+        asked.eq_ignore_ascii_case(got)
+            && match (asked_v, got_v) {
+                (Some(a), Some(g)) => a.eq_ignore_ascii_case(g),
+                _ => true,
+            }
     }
+}
+
+/// One protocol in an Upgrade header: `name` or `name/version`; `None`
+/// for a list, an empty value or bytes that are not text.
+fn protocol(v: &HeaderValue) -> Option<(&str, Option<&str>)> {
+    let p = v.to_str().ok()?.trim();
+    if p.is_empty() || p.contains(',') {
+        return None;
+    }
+    Some(match p.split_once('/') {
+        Some((name, version)) => (name.trim(), Some(version.trim())),
+        None => (p, None),
+    })
 }
 
 /// Where a request comes from, for the authority rules.
@@ -275,6 +302,20 @@ mod tests {
         let other = Upgrade(HeaderValue::from_static("my-proto/2"));
         assert!(!other.allowed(&[]));
         assert!(other.allowed(&["my-proto/2".into()]));
+        assert!(
+            other.allowed(&["My-Proto".into()]),
+            "a name allows any version"
+        );
+        assert!(!other.allowed(&["my-proto/3".into()]));
+        assert!(!Upgrade(HeaderValue::from_static("my-proto")).allowed(&["my-proto/2".into()]));
+        // A versioned WebSocket is accepted by a plain 101 answer, and a
+        // 101 naming another version is not.
+        let ws13 = Upgrade(HeaderValue::from_static("websocket/13"));
+        assert!(ws13.allowed(&[]));
+        assert!(ws13.accepted_by(Some(&HeaderValue::from_static("websocket"))));
+        assert!(ws13.accepted_by(Some(&HeaderValue::from_static("websocket/13"))));
+        assert!(!ws13.accepted_by(Some(&HeaderValue::from_static("websocket/12"))));
+        assert!(!ws.accepted_by(Some(&HeaderValue::from_static("websocket, h2c"))));
         // Not an upgrade without Connection: upgrade.
         let mut r = req("/", &[("upgrade", "websocket")]);
         assert_eq!(

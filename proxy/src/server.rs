@@ -12,7 +12,9 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
@@ -295,19 +297,30 @@ pub(crate) async fn serve_http_conn<S>(
         let client = client.clone();
         let app = app.clone();
         req.extensions_mut().insert(ctx.clone());
-        async move {
-            act.inflight.fetch_add(1, Relaxed);
-            let resp = match (direction, app) {
-                (Direction::Inbound, Some(app)) => proxy.inbound(req, peer.ip(), client, app).await,
-                _ => proxy.outbound(req, peer.ip(), dst).await,
-            };
-            act.last_ms.store(crate::balance::now_ms(), Relaxed);
-            act.inflight.fetch_sub(1, Relaxed);
-            Ok::<_, Infallible>(resp)
-        }
+        // Boxed: hyper keeps a slot for the service's future for the
+        // connection's whole life, sized to the future (~11 KiB for the
+        // proxy's request path). A box per request costs an allocation; an
+        // idle connection then costs 16 bytes here.
+        let fut: Pin<Box<dyn Future<Output = Result<_, Infallible>> + Send>> =
+            Box::pin(async move {
+                act.inflight.fetch_add(1, Relaxed);
+                let resp = match (direction, app) {
+                    (Direction::Inbound, Some(app)) => {
+                        proxy.inbound(req, peer.ip(), client, app).await
+                    }
+                    _ => proxy.outbound(req, peer.ip(), dst).await,
+                };
+                act.last_ms.store(crate::balance::now_ms(), Relaxed);
+                act.inflight.fetch_sub(1, Relaxed);
+                Ok::<_, Infallible>(resp)
+            });
+        fut
     });
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-    tokio::pin!(conn);
+    // Boxed too: the connection's state (~17 KiB: hyper's HTTP/1 and
+    // HTTP/2 machinery) would otherwise sit inline in the connection's task,
+    // which is sized for its largest phase, so every phase (detection, TLS
+    // handshake) would pay for it.
+    let mut conn = Box::pin(builder.serve_connection_with_upgrades(TokioIo::new(stream), svc));
     let mut closing = *shutdown.borrow();
     if closing {
         conn.as_mut().graceful_shutdown();

@@ -161,6 +161,61 @@ async fn upgrades_only_when_allowed_and_never_h2c() {
 }
 
 #[tokio::test]
+async fn an_upgrade_on_a_mirrored_rule_is_one_try_and_never_mirrored() {
+    let app = Upstream::start("app", Behavior::Demo).await;
+    let copy = Upstream::start("copy", Behavior::Demo).await;
+    let dir = TempDir::new("hard-upgrade-mirror");
+    let cfg = dir.write(
+        "mesh.yaml",
+        &format!(
+            "{}---\n{}---\n{}---\n\
+kind: HTTPRoute
+metadata: {{name: api}}
+spec:
+  parentRefs: [{{name: api}}]
+  rules:
+  - backendRefs: [{{name: app}}]
+    filters: [{{type: RequestMirror, requestMirror: {{backendRef: {{name: copy}}}}}}]
+",
+            service_yaml("api", 80, "http", &[]),
+            service_yaml("app", 80, "http", &[app.addr]),
+            service_yaml("copy", 80, "http", &[copy.addr]),
+        ),
+    );
+    let proxy = ProxyBuilder::new().config(&cfg).start().await;
+    let mut s = TcpStream::connect(proxy.outbound).await.unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: api\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_ne!(s.read(&mut b).await.unwrap(), 0, "closed: {head:?}");
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    s.write_all(b"ping").await.unwrap();
+    let mut back = [0u8; 4];
+    s.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"ping");
+    assert_eq!(copy.hits(), 0, "a tunnel is never mirrored");
+    // A plain request on the same rule is still mirrored.
+    let r = get_via(&http1_client(), proxy.outbound, "api", "/plain")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    wait_until(
+        "the plain request mirrored",
+        Duration::from_secs(5),
+        || async { copy.hits() == 1 },
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn one_authority_per_request() {
     let admin = Upstream::start("admin", Behavior::Demo).await;
     let rest = Upstream::start("rest", Behavior::Demo).await;

@@ -274,7 +274,7 @@ async fn wrong_token_is_refused_and_the_proxy_keeps_serving() {
     );
     let why = get_text(&format!("http://{}/ready", p.admin)).await;
     assert!(
-        why == "no workload certificate yet\n" || why == "no config yet\n",
+        why == "no valid workload certificate\n" || why == "no config yet\n",
         "{why}"
     );
 }
@@ -395,6 +395,10 @@ async fn restart_keeps_the_root_and_proxies_ride_out_the_outage() {
         p.logs().contains("expired and could not be renewed")
     })
     .await;
+    // Without a certificate it can serve no mesh traffic: not ready.
+    let ready = format!("http://{}/ready", p.admin);
+    assert_eq!(get_status(&ready).await, Some(503));
+    assert_eq!(get_text(&ready).await, "no valid workload certificate\n");
 
     // Back with the same data directory: the same root, and the proxy gets
     // a certificate again on its own.
@@ -413,6 +417,7 @@ async fn restart_keeps_the_root_and_proxies_ride_out_the_outage() {
         },
     )
     .await;
+    assert_eq!(get_status(&ready).await, Some(200), "ready again");
     assert!(p.child.id() > 0);
 }
 
