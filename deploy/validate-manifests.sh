@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Validates Remora's Kubernetes manifests against the Kubernetes API schema,
 # offline, with kubernetes-validate (PyPI): every YAML file in
-# deploy/kubernetes/, and what `remoractl inject` makes of every file in
-# examples/kubernetes/.
+# deploy/kubernetes/ and deploy/kubernetes/ha/ (the highly available
+# layout), and what `remoractl inject` makes of every file in
+# examples/kubernetes/. Also checks that ha/sidecar-example.yaml is still
+# what `remoractl inject` writes.
 #
 #   bash deploy/validate-manifests.sh
 #
@@ -36,7 +38,7 @@ validate() {
 }
 
 failed=0
-for f in deploy/kubernetes/*.yaml; do
+for f in deploy/kubernetes/*.yaml deploy/kubernetes/ha/*.yaml; do
     if validate "$f"; then
         echo "ok      $f"
     else
@@ -47,6 +49,19 @@ done
 
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
+
+# The HA sidecar example: its header, then inject's output verbatim.
+ha=deploy/kubernetes/ha/sidecar-example.yaml
+ha_url=https://remora-control-replicas.remora-system.svc:4200
+if "$remoractl" inject --control-plane "$ha_url" -f examples/kubernetes/web-deployment.yaml \
+        >"$out/ha-sidecar.yaml" 2>"$out/notes" &&
+    sed '1,/^# ---- remoractl inject output$/d' "$ha" | diff -u - "$out/ha-sidecar.yaml" >"$out/ha.diff"; then
+    echo "ok      $ha is remoractl inject's output"
+else
+    cat "$out/notes" "$out/ha.diff" >&2
+    echo "FAILED  $ha is not what remoractl inject --control-plane $ha_url writes"
+    failed=1
+fi
 for f in examples/kubernetes/*.yaml; do
     injected=$out/$(basename "$f")
     # The notes on stderr say what happened to each workload.

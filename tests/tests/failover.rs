@@ -113,6 +113,15 @@ impl Cluster {
         }
     }
 
+    /// SIGTERM, as a rolling update or a drain does, and waits for the exit.
+    async fn stop(&mut self, addr: SocketAddr) {
+        for slot in &mut self.replicas {
+            if slot.as_ref().is_some_and(|c| c.addr == addr) {
+                slot.take().unwrap().stop().await;
+            }
+        }
+    }
+
     /// A proxy with identity default/web and the control plane at `urls`,
     /// reconnecting with the default backoff.
     fn proxy(&self, urls: &str, node: &str, state: &TempDir) -> ProxyBuilder {
@@ -365,6 +374,42 @@ async fn killing_the_connected_replica_under_traffic_fails_no_request_and_the_pr
         failed, 0,
         "{failed} of {sent} requests failed across the failover: {first_failures:?}"
     );
+}
+
+#[tokio::test]
+async fn a_replica_stopping_for_an_update_hands_its_proxy_to_another() {
+    let mut cluster = Cluster::start(&[any_port(), any_port()], "1h").await;
+    let app = Upstream::start("api", Behavior::Demo).await;
+    cluster
+        .apply(&service_yaml("api", 80, "http", &[app.addr]))
+        .await;
+    let state = TempDir::new("failover-stop-state");
+    let web = cluster
+        .proxy(&cluster.urls(), "web-1", &state)
+        .start()
+        .await;
+    let first = connected_to(&web).await.expect("connected");
+    let load = Load::start(web.outbound, "api");
+    // SIGTERM: the replica stops taking streams and closes its open ones.
+    cluster.stop(first).await;
+    let webr = &web;
+    wait_until(
+        "the proxy is on the other replica",
+        Duration::from_secs(10),
+        || async { connected_to(webr).await.is_some_and(|a| a != first) },
+    )
+    .await;
+    assert_eq!(failovers(&web, "discovery").await, 1.0);
+    let other = connected_to(&web).await.unwrap();
+    wait_until(
+        "the other replica shows the proxy's ACK",
+        Duration::from_secs(10),
+        || async { acked_at(cluster.at(other), "web-1").await },
+    )
+    .await;
+    let (sent, failed, first_failures) = load.finish().await;
+    assert!(sent > 0);
+    assert_eq!(failed, 0, "{failed} of {sent} failed: {first_failures:?}");
 }
 
 #[tokio::test]
