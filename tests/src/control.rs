@@ -320,3 +320,58 @@ impl SharedCa {
         ]
     }
 }
+
+/// Control-plane replicas on a shared etcd (`--store etcd`).
+impl ControlProcess {
+    /// Starts a replica on `etcd` (its own data directory stays empty) and
+    /// waits until it answers.
+    pub async fn start_replica(
+        etcd: &crate::etcd::EtcdCluster,
+        data: &TempDir,
+        grace: &str,
+        extra: &[&str],
+    ) -> ControlProcess {
+        let mut flags: Vec<String> = etcd.flags();
+        flags.extend(extra.iter().map(|s| s.to_string()));
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        Self::start_with(crate::any_port(), data, grace, &flags).await
+    }
+
+    /// Applies YAML; the new version, or the server's status.
+    pub async fn apply_status(&self, yaml: &str) -> Result<u64, tonic::Status> {
+        let cfg = remora_proto::parse_yaml(yaml, "test")
+            .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+        let mut admin = self
+            .try_admin()
+            .await
+            .ok_or_else(|| tonic::Status::unavailable("cannot connect"))?;
+        admin
+            .apply(ApplyRequest {
+                resources: Some(cfg),
+                author: "test".into(),
+            })
+            .await
+            .map(|r| r.into_inner().version)
+    }
+
+    /// The status, or None while the replica does not answer.
+    pub async fn try_status(&self) -> Option<StatusResponse> {
+        let mut admin = self.try_admin().await?;
+        admin
+            .status(StatusRequest {})
+            .await
+            .ok()
+            .map(|r| r.into_inner())
+    }
+
+    /// Every version in its history, oldest first.
+    pub async fn history(&self) -> Vec<HistoryEntry> {
+        self.admin()
+            .await
+            .history(HistoryRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .entries
+    }
+}

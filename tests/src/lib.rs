@@ -3,6 +3,7 @@
 //! synchronisation: everything waits for a condition with a deadline.
 
 pub mod control;
+pub mod etcd;
 pub mod grpc;
 pub mod netns;
 pub mod upstream;
