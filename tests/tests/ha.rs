@@ -1,6 +1,7 @@
 //! A highly available control plane: three real remora-control replicas on
 //! one real 3-member etcd cluster (tests/src/etcd.rs), real proxies spread
-//! over them. SKIPPED where etcd is not installed.
+//! over them, some given every replica's URL (they fail over). SKIPPED
+//! where etcd is not installed.
 
 use remora_tests::control::ControlProcess;
 use remora_tests::etcd::EtcdCluster;
@@ -450,4 +451,155 @@ fn unbase64(text: &str) -> Vec<u8> {
         }
     }
     out
+}
+
+/// Whether a proxy's /config JSON holds an endpoint at `addr`.
+fn has_endpoint(v: &serde_json::Value, addr: std::net::SocketAddr) -> bool {
+    match v {
+        serde_json::Value::Object(m) => {
+            let here = m.get("address").and_then(|a| a.as_str()) == Some(&addr.ip().to_string())
+                && m.get("port").and_then(|p| p.as_u64()) == Some(addr.port() as u64);
+            here || m.values().any(|x| has_endpoint(x, addr))
+        }
+        serde_json::Value::Array(a) => a.iter().any(|x| has_endpoint(x, addr)),
+        _ => false,
+    }
+}
+
+/// The replica a proxy's Discovery stream is on, from its metrics.
+async fn connected_to(p: &ProxyProcess) -> Option<std::net::SocketAddr> {
+    p.metrics()
+        .await
+        .lines()
+        .filter(|l| l.starts_with("remora_control_plane_replica_info"))
+        .find_map(|l| {
+            l.split("address=\"")
+                .nth(1)?
+                .split('"')
+                .next()?
+                .parse()
+                .ok()
+        })
+}
+
+#[tokio::test]
+async fn killing_the_replica_a_proxy_is_on_under_traffic_fails_nothing_and_keeps_its_endpoint() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+    use std::sync::Arc;
+    let Some(etcd) = EtcdCluster::start("ha_failover").await else {
+        return;
+    };
+    let (mut cps, _dirs) = replicas(&etcd, &[]).await;
+    let (blue, green) = (
+        Upstream::start("blue", Behavior::Demo).await,
+        Upstream::start("green", Behavior::Demo).await,
+    );
+    cps[0].apply(&mesh(&blue, &green, "blue")).await.unwrap();
+    let state = TempDir::new("ha-state");
+    let urls = cps.iter().map(|c| c.url()).collect::<Vec<_>>().join(",");
+    let api_app = Upstream::start("api-1", Behavior::Demo).await;
+    let api = ProxyBuilder::new()
+        .app(api_app.addr)
+        .control_plane(&urls, "api-1", &state)
+        .arg("--service")
+        .arg("api")
+        .start()
+        .await;
+    let on = {
+        let api = &api;
+        wait_until(
+            "api-1 is on a replica",
+            Duration::from_secs(10),
+            || async move { connected_to(api).await.is_some() },
+        )
+        .await;
+        connected_to(api).await.unwrap()
+    };
+    let doomed = cps.iter().position(|c| c.addr == on).expect("one of ours");
+    // Callers on the other two replicas.
+    let mut callers = Vec::new();
+    for (i, cp) in cps.iter().enumerate().filter(|(i, _)| *i != doomed) {
+        callers.push(proxy(cp, &format!("web-{i}"), &state, &[]).await);
+    }
+    all_serve(&callers, "api", "api-1").await;
+
+    // Steady traffic through both callers, and their snapshots watched.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (sent, failed, missing) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let mut tasks = Vec::new();
+    for c in &callers {
+        let (outbound, admin) = (c.outbound, c.admin);
+        let (stop, sent, failed, missing) =
+            (stop.clone(), sent.clone(), failed.clone(), missing.clone());
+        let endpoint = api.inbound;
+        tasks.push(tokio::spawn(async move {
+            let client = http1_client();
+            let mut tick = tokio::time::interval(Duration::from_millis(5));
+            while !stop.load(Relaxed) {
+                tick.tick().await;
+                sent.fetch_add(1, Relaxed);
+                match get_via(&client, outbound, "api", "/").await {
+                    Ok(r) if r.status == 200 => {}
+                    _ => {
+                        failed.fetch_add(1, Relaxed);
+                    }
+                }
+                if sent.load(Relaxed) % 4 == 0 {
+                    let text = get_text(&format!("http://{admin}/config")).await;
+                    let doc: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+                    if !has_endpoint(&doc, endpoint) {
+                        missing.fetch_add(1, Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cps[doomed].kill();
+    let api_ref = &api;
+    wait_until(
+        "api-1 moved to another replica",
+        Duration::from_secs(10),
+        || async move { connected_to(api_ref).await.is_some_and(|a| a != on) },
+    )
+    .await;
+    let now_on = connected_to(&api).await.unwrap();
+    let survivor = cps.iter().find(|c| c.addr == now_on).unwrap();
+    wait_until(
+        "the new replica shows api-1 connected",
+        Duration::from_secs(10),
+        || async move {
+            survivor.try_status().await.is_some_and(|s| {
+                s.proxies.iter().any(|p| {
+                    p.node_id == "api-1" && p.connected && p.acked_version == s.snapshot_version
+                })
+            })
+        },
+    )
+    .await;
+    // Past the dead replica's lease (the 2 s grace) and then some: the
+    // endpoint must have moved to the survivor's lease, not expired.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop.store(true, Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let (sent, failed, missing) = (
+        sent.load(Relaxed),
+        failed.load(Relaxed),
+        missing.load(Relaxed),
+    );
+    assert!(sent > 500, "{sent} requests");
+    assert_eq!(failed, 0, "{failed} of {sent} requests failed");
+    assert_eq!(
+        missing, 0,
+        "api-1's endpoint went missing {missing} times from a snapshot"
+    );
+    // And the mesh still changes through the survivors.
+    survivor.apply(&mesh(&blue, &green, "green")).await.unwrap();
+    all_serve(&callers, "shop", "green").await;
 }
