@@ -17,7 +17,7 @@ pub enum MeshError {
     #[error("{0} not found")]
     NotFound(String),
     /// The store failed or another writer committed first; nothing changed.
-    #[error("store: {0}")]
+    #[error("{0}")]
     Store(#[from] StoreError),
 }
 

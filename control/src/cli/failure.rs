@@ -61,6 +61,10 @@ impl Failure {
             Code::InvalidArgument | Code::NotFound | Code::FailedPrecondition => {
                 Failure::invalid(msg.to_string())
             }
+            // The control plane answered: its store (etcd) is away.
+            Code::Unavailable if msg.starts_with("the config store is unavailable") => {
+                Failure::server(format!("{server}: {msg}"))
+            }
             Code::Unavailable => Failure::server(format!(
                 "control plane at {server} is unavailable: {}",
                 or_code(msg, status.code())
