@@ -121,9 +121,10 @@ async fn applying_a_5000_route_config_stalls_no_request() {
     );
     // Reading, parsing and applying this config on the data-plane thread
     // made a request wait ~700 ms in a debug build (measured by doing just
-    // that); off it, the worst request waits ~20 ms on a busy 2-core
-    // machine. The bound is generous for noise and far below the stall.
-    let bound = Duration::from_millis(250);
+    // that); off it, the worst request waits ~20 ms on a 2-core machine,
+    // and up to ~330 ms when a compiler shares those two cores with the
+    // test. The bound is generous for that noise and below the stall.
+    let bound = Duration::from_millis(500);
     assert!(
         worst < bound,
         "a request waited {worst:?} while applies took {apply:?} each (bound {bound:?})"
